@@ -1,0 +1,87 @@
+"""``shapley_values``: the values of one layer's channels, no trainer needed."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_shapley import estimators
+from lightning_shapley.estimators import ShapleyEstimate
+from lightning_shapley.game import Batch, ChannelGame
+from lightning_shapley.value_functions import ValueSetting
+from lightning_shapley.weighting import Weighting
+
+METHODS: dict[str, Callable[..., ShapleyEstimate]] = {
+    "exact": estimators.exact,
+    "permutation": estimators.permutation,
+    "stratified": estimators.stratified,
+    "tmc": estimators.truncated_monte_carlo,
+    "adaptive": estimators.adaptive,
+}
+
+
+def shapley_values(
+    model: nn.Module,
+    layer: str,
+    batches: Sequence[Batch],
+    *,
+    value: ValueSetting = "loss",
+    weighting: str | Weighting = "shapley",
+    depth: int | None = None,
+    method: str = "stratified",
+    channel_dim: int = 1,
+    pruned: Tensor | None = None,
+    engine: str = "auto",
+    **estimator_options: object,
+) -> ShapleyEstimate:
+    """Estimate the value of each output channel of ``layer`` on the scoring ``batches``.
+
+    Args:
+        model: the model; it is left exactly as found.
+        layer: qualified name of the module whose output channels are valued.
+        batches: list of ``(inputs, targets)`` scoring batches.
+        value: ``"loss"``, ``"accuracy"``, a torchmetrics ``Metric`` or ``fn(logits, targets)``.
+        weighting: ``"shapley"`` (the classic value), ``"banzhaf"`` or ``"band"``.
+        depth: the band's depth ``r``, with ``weighting="band"``.
+        method: ``"exact"``, ``"permutation"``, ``"stratified"``, ``"tmc"`` or ``"adaptive"``.
+        channel_dim: the channel dimension of the layer's output.
+        pruned: boolean ``[C]`` of channels already pruned (kept out of every coalition).
+        engine: how coalitions are evaluated, see :class:`~lightning_shapley.game.ChannelGame`.
+        **estimator_options: passed to the estimator, e.g. ``num_permutations``,
+            ``max_evaluations``, ``seed``, ``truncation``, ``bottom_k``, ``tolerance``.
+
+    Returns:
+        The estimate over all ``C`` channels of the layer; channels already pruned have
+        value and standard error NaN.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+        >>> batches = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
+        >>> est = shapley_values(model, "0", batches, method="exact")
+        >>> est.values.shape, est.evaluations
+        (torch.Size([6]), 64)
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not known; use one of {tuple(METHODS)}")
+    estimator = METHODS[method]
+    allowed = [
+        name
+        for name, parameter in inspect.signature(estimator).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "depth"
+    ]
+    unknown = sorted(set(estimator_options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{unknown} are not options of method={method!r}; it takes {allowed}")
+    game = ChannelGame(
+        model, layer, batches, value=value, channel_dim=channel_dim, pruned=pruned, engine=engine
+    )
+    estimate = estimator(game, game.n_players, weighting, depth=depth, **estimator_options)
+    values = torch.full((game.n_channels,), math.nan, dtype=torch.float64)
+    stderr = values.clone()
+    values[game.players] = estimate.values
+    stderr[game.players] = estimate.stderr
+    return ShapleyEstimate(values, stderr, estimate.evaluations, estimate.seconds)

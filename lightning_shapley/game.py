@@ -1,0 +1,280 @@
+"""The cooperative game of one layer's channels.
+
+The players are the output channels of a named module (a convolution's filters, a linear
+layer's neurons, or any module whose output has a channel dimension). The value of a
+coalition is the model's performance on a fixed list of scoring batches when the channels
+outside it output exactly zero, measured in eval mode without gradients. When a BatchNorm
+directly follows the module, the zeros are applied after it, so its shift cannot leak
+through: that is what structured pruning of the channel does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_shapley.coalition_forward import FullForward, SplitForward, UnsplittableModelError
+from lightning_shapley.value_functions import ValueSetting, resolve_value
+
+Batch = tuple[Tensor, Tensor]
+
+ENGINES = ("auto", "split", "full")
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *_BATCHNORMS)
+
+#: Activation memory one batch of coalitions may take, by device type.
+DEFAULT_MEMORY_BUDGET = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}
+#: More coalitions per forward pass stop paying off beyond this on the CPU.
+MAX_COALITIONS_PER_FORWARD = 64
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode without gradients; restores every module's train/eval flag afterwards.
+
+    The flags come back also when an exception or Ctrl-C interrupts the block.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class ChannelGame:
+    """The game whose players are the output channels of one layer.
+
+    Args:
+        model: any ``nn.Module`` whose forward takes one input tensor and returns logits.
+        layer: qualified name of the module whose output channels are the players.
+        batches: the scoring data, a list of ``(inputs, targets)`` pairs; it is moved to
+            the model's device once.
+        value: ``"loss"`` (negative mean cross-entropy, the default), ``"accuracy"``, a
+            torchmetrics ``Metric`` or a callable ``fn(logits, targets) -> float``.
+        channel_dim: the channel dimension of the layer's output (1 for ``[B, C, ...]``).
+        pruned: channels that are already pruned and stay out of every coalition, as a
+            boolean ``[C]`` tensor; channels whose ``weight_mask`` (``torch.nn.utils.prune``)
+            rows are all zero are added to it.
+        engine: ``"split"`` caches what lies upstream of the layer (``torch.fx``),
+            ``"full"`` replays the whole model per coalition, ``"auto"`` splits when the
+            model allows it.
+        memory_budget: activation bytes one batch of coalitions may take; defaults by
+            device (:data:`DEFAULT_MEMORY_BUDGET`).
+        coalitions_per_forward: fix the number of coalitions per forward pass instead.
+
+    Calling the game with a boolean ``[m, n_players]`` tensor returns the ``[m]`` values
+    (float64); it is the value function the estimators take. The model must not change
+    while the game is in use: the game caches activations at construction.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+        >>> game = ChannelGame(model, "0", batches)
+        >>> game(torch.ones(1, 3, dtype=torch.bool)).shape
+        torch.Size([1])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        batches: Sequence[Batch],
+        *,
+        value: ValueSetting = "loss",
+        channel_dim: int = 1,
+        pruned: Tensor | None = None,
+        engine: str = "auto",
+        memory_budget: int | None = None,
+        coalitions_per_forward: int | None = None,
+    ) -> None:
+        module = _find_layer(model, layer)
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r} is not known; use one of {ENGINES}")
+        for name, setting in (
+            ("memory_budget", memory_budget),
+            ("coalitions_per_forward", coalitions_per_forward),
+        ):
+            if setting is not None and (not isinstance(setting, int) or setting < 1):
+                raise ValueError(
+                    f"{name}={setting!r} is not allowed; it must be a positive integer or None"
+                )
+        self.model = model
+        self.layer = layer
+        self._value_fn = resolve_value(value)
+        self.device = next(model.parameters(), torch.empty(0)).device
+        inputs, self._targets = _checked_batches(batches, self.device)
+        with scoring_mode(model):
+            shape, follower = _probe(model, module, inputs[0])
+            self.channel_dim = _checked_channel_dim(channel_dim, shape, layer)
+            self.n_channels = shape[self.channel_dim]
+            if follower is not None and (
+                self.channel_dim != 1 or follower.num_features != self.n_channels
+            ):
+                follower = None
+            self.mask_module_name = layer if follower is None else _name_of(model, follower)
+            self._forward = self._make_engine(engine, inputs)
+            per_coalition = self._forward.bytes_per_coalition()
+        self.players = _players(module, self.n_channels, pruned)
+        budget = memory_budget or DEFAULT_MEMORY_BUDGET.get(
+            self.device.type, DEFAULT_MEMORY_BUDGET["cuda"]
+        )
+        self.coalitions_per_forward = coalitions_per_forward or max(
+            1, min(MAX_COALITIONS_PER_FORWARD, budget // max(per_coalition, 1))
+        )
+
+    def _make_engine(self, engine: str, inputs: list[Tensor]) -> SplitForward | FullForward:
+        if engine != "full":
+            try:
+                return SplitForward(
+                    self.model, self.mask_module_name, self.channel_dim, self.n_channels, inputs
+                )
+            except UnsplittableModelError:
+                if engine == "split":
+                    raise
+        mask_module = self.model.get_submodule(self.mask_module_name)
+        return FullForward(self.model, mask_module, self.channel_dim, inputs)
+
+    @property
+    def engine(self) -> str:
+        """Which engine evaluates coalitions: ``"split+fold"``, ``"split"`` or ``"full"``."""
+        return self._forward.name
+
+    @property
+    def n_players(self) -> int:
+        """The number of players: the channels not pruned yet."""
+        return len(self.players)
+
+    def channel_masks(self, coalitions: Tensor) -> Tensor:
+        """Float ``[m, n_channels]`` masks for boolean ``[m, n_players]`` coalitions."""
+        coalitions = torch.as_tensor(coalitions, dtype=torch.bool)
+        if coalitions.ndim != 2 or coalitions.shape[1] != self.n_players:
+            raise ValueError(
+                f"coalitions of shape {tuple(coalitions.shape)} do not fit this game; "
+                f"expected [m, {self.n_players}] (one column per player)"
+            )
+        masks = torch.zeros(len(coalitions), self.n_channels, device=self.device)
+        masks[:, self.players.to(self.device)] = coalitions.to(self.device, torch.float32)
+        return masks
+
+    def __call__(self, coalitions: Tensor) -> Tensor:
+        """Values (float64 ``[m]``, on the CPU) of boolean ``[m, n_players]`` coalitions."""
+        masks = self.channel_masks(coalitions)
+        values = []
+        with scoring_mode(self.model):
+            for chunk in masks.split(self.coalitions_per_forward):
+                logits = torch.cat(
+                    [self._forward(chunk, b) for b in range(len(self._targets))], dim=1
+                )
+                values.append(self._value_fn(logits, torch.cat(self._targets)))
+        return torch.cat(values).to("cpu", torch.float64)
+
+
+def _find_layer(model: nn.Module, layer: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if not isinstance(layer, str) or layer not in modules or layer == "":
+        candidates = [name for name, m in modules.items() if isinstance(m, _PRUNABLE)]
+        raise ValueError(
+            f"layer={layer!r} is not a module of {type(model).__name__}; "
+            f"layers with channels: {candidates}"
+        )
+    return modules[layer]
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _checked_batches(
+    batches: Sequence[Batch], device: torch.device
+) -> tuple[list[Tensor], list[Tensor]]:
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty; give at least one (inputs, targets) batch to score on")
+    inputs, targets = [], []
+    for index, batch in enumerate(batches):
+        if not (
+            isinstance(batch, list | tuple) and len(batch) == 2 and isinstance(batch[0], Tensor)
+        ):
+            raise ValueError(
+                f"batches[{index}] is a {type(batch).__name__}; each batch must be an "
+                "(inputs, targets) pair whose inputs are a Tensor"
+            )
+        inputs.append(batch[0].to(device))
+        targets.append(torch.as_tensor(batch[1]).to(device))
+    return inputs, targets
+
+
+def _probe(
+    model: nn.Module, module: nn.Module, inputs: Tensor
+) -> tuple[torch.Size, nn.Module | None]:
+    """The layer's output shape, and the BatchNorm that consumes that output, if any."""
+    seen: dict[str, object] = {}
+
+    def record_output(_module: nn.Module, _inputs: object, output: object) -> None:
+        seen.setdefault("output", output)
+
+    def record_follower(batchnorm: nn.Module, args: tuple) -> None:
+        if "output" in seen and args and args[0] is seen["output"]:
+            seen.setdefault("follower", batchnorm)
+
+    handles = [module.register_forward_hook(record_output)]
+    if not isinstance(module, _BATCHNORMS):
+        handles += [
+            m.register_forward_pre_hook(record_follower)
+            for m in model.modules()
+            if isinstance(m, _BATCHNORMS)
+        ]
+    try:
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if "output" not in seen:
+        raise ValueError("the layer was not called by the model's forward on the scoring batches")
+    output = seen["output"]
+    if not isinstance(output, Tensor) or output.ndim < 2:
+        kind = (
+            f"shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
+        )
+        raise ValueError(
+            f"the layer's output ({kind}) has no channel dimension; its players must be the "
+            "channels of a tensor shaped [batch, ...]"
+        )
+    return output.shape, seen.get("follower")
+
+
+def _checked_channel_dim(channel_dim: int, shape: torch.Size, layer: str) -> int:
+    ndim = len(shape)
+    if not isinstance(channel_dim, int) or not (1 <= channel_dim < ndim or -ndim < channel_dim < 0):
+        raise ValueError(
+            f"channel_dim={channel_dim!r} does not fit the output of {layer!r}, shape "
+            f"{tuple(shape)}; it must index a non-batch dimension: 1 to {ndim - 1}, "
+            f"or -1 to {1 - ndim}"
+        )
+    return channel_dim % ndim
+
+
+def _players(module: nn.Module, n_channels: int, pruned: Tensor | None) -> Tensor:
+    out = torch.zeros(n_channels, dtype=torch.bool)
+    if pruned is not None:
+        pruned = torch.as_tensor(pruned, dtype=torch.bool).cpu()
+        if pruned.shape != (n_channels,):
+            raise ValueError(
+                f"pruned has shape {tuple(pruned.shape)}; it must be a boolean tensor of "
+                f"shape ({n_channels},), one entry per channel"
+            )
+        out |= pruned
+    mask = getattr(module, "weight_mask", None)
+    if isinstance(mask, Tensor) and mask.shape[0] == n_channels:
+        out |= mask.detach().reshape(n_channels, -1).eq(0).all(1).cpu()
+    players = (~out).nonzero().flatten()
+    if len(players) == 0:
+        raise ValueError("every channel of the layer is pruned; a game needs at least one player")
+    return players
