@@ -10,9 +10,9 @@ Every sampling estimator walks *removal orders*: it starts from the full set and
 the players one at a time in a random order, so the coalitions near the full set, the ones
 pruning visits, are the ones every sample sees. A player's marginal contribution is the
 value lost when it is removed, scaled by the weighting's size importance (see
-:mod:`lightning_shapley.weighting`). Samples come in independent *rounds* (an ordering and
-its reverse, or a stratified block of orderings); a value is the mean of its round
-estimates and its standard error is their standard deviation over ``sqrt(rounds)``.
+:mod:`lightning_shapley.weighting`). Samples come in independent *rounds*, an ordering and
+its reverse; a value is the mean of its round estimates and its standard error is their
+standard deviation over ``sqrt(rounds)``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_shapley.surrogate import SurrogateGame
 from lightning_shapley.weighting import Weighting, resolve_weighting
 
 ValueFunction = Callable[[Tensor], Tensor]
@@ -159,7 +160,7 @@ def _coalitions_of_sizes(n: int, sizes: list[int], weighting: Weighting) -> Tens
             f"method='exact' with weighting {weighting} on {n} players needs {count:,} "
             f"coalition evaluations, more than the limit of {MAX_EXACT_COALITIONS:,} (about 20 "
             "players for 'shapley' and 'banzhaf'); use a sampling method such as "
-            "'stratified', or a 'band' weighting of small depth"
+            "'surrogate', or a 'band' weighting of small depth"
         )
     if len(sizes) == n + 1:
         codes = torch.arange(2**n).unsqueeze(1)
@@ -178,18 +179,59 @@ def _coalitions_of_sizes(n: int, sizes: list[int], weighting: Weighting) -> Tens
 # --------------------------------------------------------------------------- sampling core
 
 
-def _walk_removal_orders(
-    value: _MemoizedValue,
+@dataclass
+class _Walks:
+    """Removal orders and the worth of the coalitions visited along them.
+
+    ``orders[k, j]`` is the player removed at step ``j + 1`` of walk ``k``; ``worth[k, t]``
+    is the value of the coalition left after ``t`` removals (NaN where not evaluated);
+    ``wanted[k, j]`` says whether the removal at step ``j + 1`` counts.
+    """
+
+    orders: Tensor
+    worth: Tensor
+    wanted: Tensor
+
+    @classmethod
+    def concatenate(cls, parts: list[_Walks]) -> _Walks:
+        if not parts:
+            return cls(torch.empty(0, 0, dtype=torch.long), torch.empty(0, 1), torch.empty(0, 0))
+        return cls(
+            torch.cat([part.orders for part in parts]),
+            torch.cat([part.worth for part in parts]),
+            torch.cat([part.wanted for part in parts]),
+        )
+
+    def subset(self, rows: Tensor) -> _Walks:
+        return _Walks(self.orders[rows], self.worth[rows], self.wanted[rows])
+
+    def coalitions(self, rows: Tensor, steps: Tensor) -> Tensor:
+        """Boolean coalitions left in walks ``rows`` after ``steps`` removals."""
+        return torch.argsort(self.orders[rows], dim=1) >= steps[:, None]
+
+    def marginals(self, importance: Tensor, worth: Tensor | None = None) -> Tensor:
+        """``[p, n]``: ``lambda(s) * (v(S + i) - v(S))`` per walk and player, 0 where not wanted.
+
+        ``worth`` replaces the walks' own coalition values, e.g. by residuals.
+        """
+        worth = self.worth if worth is None else worth
+        step_importance = importance.flip(0)  # step j (1-based) leaves n - j players
+        by_step = torch.where(self.wanted, (worth[:, :-1] - worth[:, 1:]) * step_importance, 0.0)
+        return torch.zeros_like(by_step).scatter_(1, self.orders, by_step)
+
+
+def _walk(
+    value: ValueFunction,
     orders: Tensor,
     importance: Tensor,
     tracked: Tensor,
     truncation: float | None = None,
     block: int = 4,
-) -> Tensor:
-    """Weighted marginal contributions along removal orders.
+) -> _Walks:
+    """Evaluates the coalitions around the wanted removals of each order.
 
     Args:
-        value: the memoized value function.
+        value: the value function (memoized, for the real game).
         orders: ``[p, n]`` permutations; row ``k`` removes ``orders[k, 0]`` first.
         importance: ``[n]`` size importance ``lambda(s)`` (see the weighting module).
         tracked: ``[n]`` players whose contributions are wanted; only the coalitions
@@ -199,159 +241,166 @@ def _walk_removal_orders(
             ``v(empty)`` (Ghorbani & Zou's truncated Monte Carlo; the contributions still
             sum to ``v(N) - v(empty)``).
         block: with truncation, how many removal steps are evaluated between checks.
-
-    Returns:
-        ``[p, n]`` float64: ``lambda(s) * (v(S + i) - v(S))`` for each order and player,
-        zero where the player is not tracked or its removal carries no weight.
     """
     n_orders, n = orders.shape
-    step_importance = importance.flip(0)  # step j (1-based) leaves n - j players
-    wanted = tracked[orders] & (step_importance > 0)  # [p, n] by step
+    walks = _Walks(
+        orders=orders,
+        worth=torch.full((n_orders, n + 1), math.nan, dtype=torch.float64),
+        wanted=tracked[orders] & (importance.flip(0) > 0),
+    )
     needed = torch.zeros(n_orders, n + 1, dtype=torch.bool)
-    needed[:, :-1] |= wanted  # the coalition before each wanted removal
-    needed[:, 1:] |= wanted  # and after it
-    position = torch.argsort(orders, dim=1)  # position[k, i]: when player i is removed
-    worth = torch.full((n_orders, n + 1), math.nan, dtype=torch.float64)
-
-    active = torch.ones(n_orders, dtype=torch.bool)
-    if truncation is not None:
-        full_and_empty = value(
+    needed[:, :-1] |= walks.wanted  # the coalition before each wanted removal
+    needed[:, 1:] |= walks.wanted  # and after it
+    if truncation is None:
+        block = n + 1
+    else:
+        ends = value(
             torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
         )
-        empty_worth = full_and_empty[1]
-        threshold = truncation * (full_and_empty[0] - empty_worth).abs()
-    for first in range(0, n + 1, block if truncation is not None else n + 1):
-        last = min(first + (block if truncation is not None else n + 1), n + 1)
-        ask = needed[:, first:last] & active[:, None] & worth[:, first:last].isnan()
+        empty_worth = ends[1]
+        threshold = truncation * (ends[0] - empty_worth).abs()
+    active = torch.ones(n_orders, dtype=torch.bool)
+    for first in range(0, n + 1, block):
+        span = slice(first, min(first + block, n + 1))
+        ask = needed[:, span] & active[:, None] & walks.worth[:, span].isnan()
         rows, offsets = ask.nonzero(as_tuple=True)
         if len(rows):
             steps = first + offsets
-            worth[rows, steps] = value(position[rows] >= steps[:, None])
+            walks.worth[rows, steps] = value(walks.coalitions(rows, steps))
         if truncation is None:
             continue
-        near = (worth[:, first:last] - empty_worth).abs() <= threshold
+        # Strictly within the tolerance (so 0 never truncates), and never at the full set.
+        near = (walks.worth[:, span] - empty_worth).abs() < threshold
+        near[:, : max(0, 1 - first)] = False
         stopped = near.any(1) & active
         if stopped.any():
             stop_step = first + near.to(torch.int8).argmax(1)
             beyond = torch.arange(n + 1) > stop_step[:, None]
-            worth[stopped[:, None] & beyond] = empty_worth
+            walks.worth[stopped[:, None] & beyond] = empty_worth
             active &= ~stopped
         if not active.any():
             break
-
-    by_step = torch.where(wanted, (worth[:, :-1] - worth[:, 1:]) * step_importance, 0.0)
-    return torch.zeros(n_orders, n, dtype=torch.float64).scatter_(1, orders, by_step)
+    return walks
 
 
 class _RoundStatistics:
-    """Running mean, variance and range of each player's per-round estimates."""
+    """Running mean, variance (Welford's update) and range of each player's round estimates."""
 
     def __init__(self, n: int) -> None:
         self.count = torch.zeros(n, dtype=torch.float64)
-        self.total = torch.zeros(n, dtype=torch.float64)
-        self.total_sq = torch.zeros(n, dtype=torch.float64)
+        self.mean = torch.zeros(n, dtype=torch.float64)
+        self._squares = torch.zeros(n, dtype=torch.float64)
         self.low = torch.full((n,), math.inf, dtype=torch.float64)
         self.high = torch.full((n,), -math.inf, dtype=torch.float64)
 
-    def add(self, estimate: Tensor, tracked: Tensor) -> None:
-        self.count += tracked
-        self.total += torch.where(tracked, estimate, 0.0)
-        self.total_sq += torch.where(tracked, estimate**2, 0.0)
-        self.low = torch.where(tracked, torch.minimum(self.low, estimate), self.low)
-        self.high = torch.where(tracked, torch.maximum(self.high, estimate), self.high)
-
-    @property
-    def mean(self) -> Tensor:
-        return self.total / self.count.clamp(min=1)
+    def add(self, estimates: Tensor, tracked: Tensor) -> None:
+        """Adds ``[rounds, n]`` estimates for the ``tracked`` players."""
+        for estimate in estimates:
+            self.count += tracked
+            delta = torch.where(tracked, estimate - self.mean, 0.0)
+            self.mean += delta / self.count.clamp(min=1)
+            self._squares += delta * torch.where(tracked, estimate - self.mean, 0.0)
+            self.low = torch.where(tracked, torch.minimum(self.low, estimate), self.low)
+            self.high = torch.where(tracked, torch.maximum(self.high, estimate), self.high)
 
     @property
     def variance(self) -> Tensor:
         """Unbiased sample variance of the round estimates (NaN below two rounds)."""
-        spread = (self.total_sq - self.count * self.mean**2).clamp(min=0)
-        return torch.where(self.count > 1, spread / (self.count - 1).clamp(min=1), math.nan)
+        return torch.where(self.count > 1, self._squares / (self.count - 1).clamp(min=1), math.nan)
 
     @property
     def stderr(self) -> Tensor:
         return (self.variance / self.count.clamp(min=1)).sqrt()
 
 
-RoundMaker = Callable[[torch.Generator], Tensor]
+def _antithetic_orders(pairs: int, n: int, generator: torch.Generator) -> Tensor:
+    """``2 * pairs`` orders: each random permutation followed by its reverse."""
+    orders = torch.stack([torch.randperm(n, generator=generator) for _ in range(pairs)])
+    return torch.stack([orders, orders.flip(1)], dim=1).flatten(0, 1)
 
 
-def _antithetic_round(n: int) -> RoundMaker:
-    def make(generator: torch.Generator) -> Tensor:
-        order = torch.randperm(n, generator=generator)
-        return torch.stack([order, order.flip(0)])
-
-    return make
+def _pair_means(marginals: Tensor) -> Tensor:
+    """``[2 * pairs, n]`` marginals of antithetic orders -> ``[pairs, n]`` round estimates."""
+    return marginals.unflatten(0, (-1, 2)).mean(1)
 
 
-def _stratified_round(n: int, shifts: int) -> RoundMaker:
-    """``shifts`` orderings that put every player at a different position, and their reverses.
-
-    A Latin-square block: it spreads each player over distinct coalition sizes.
-    """
-
-    def make(generator: torch.Generator) -> Tensor:
-        players = torch.randperm(n, generator=generator)
-        slots = torch.randperm(n, generator=generator)
-        shifted = (slots[None, :] + torch.arange(shifts)[:, None]) % n
-        orders = players[shifted]
-        return torch.cat([orders, orders.flip(1)])
-
-    return make
-
-
-def _sample_rounds(
+def _walk_pairs(
     value: _MemoizedValue,
     importance: Tensor,
-    make_round: RoundMaker,
-    rounds: Iterator[int],
+    blocks: Iterator[int],
+    *,
+    generator: torch.Generator,
+    max_evaluations: int | None,
+    tracked_players: Callable[[], Tensor] | None = None,
+    truncation: float | None = None,
+) -> Iterator[tuple[_Walks, Tensor]]:
+    """Walks blocks of antithetic pairs until ``blocks`` ends or the budget is spent.
+
+    ``blocks`` yields how many pairs to walk together next (so the value function sees
+    many coalitions at once); ``tracked_players`` narrows each block to the players still
+    worth sampling and ends the sampling when it returns none. Yields each block's walks
+    with the players it tracked.
+    """
+    n = len(importance)
+    for planned in blocks:
+        tracked = tracked_players() if tracked_players else torch.ones(n, dtype=torch.bool)
+        if not tracked.any():
+            return
+        pairs = planned
+        if max_evaluations is not None:
+            remaining = max_evaluations - value.evaluations
+            pairs = min(planned, remaining // _pair_cost(importance, tracked))
+            if pairs < 1:
+                return
+        orders = _antithetic_orders(pairs, n, generator)
+        yield _walk(value, orders, importance, tracked, truncation), tracked
+
+
+def _sample_pairs(
+    value: _MemoizedValue,
+    importance: Tensor,
+    blocks: Iterator[int],
     *,
     seed: int,
     max_evaluations: int | None,
     tracked_players: Callable[[_RoundStatistics], Tensor] | None = None,
     truncation: float | None = None,
 ) -> _RoundStatistics:
-    """Walks blocks of rounds until ``rounds`` is exhausted or the budget is spent.
-
-    ``rounds`` yields how many rounds to walk together next (so the value function sees
-    many coalitions at once); ``tracked_players`` narrows each block to the players still
-    worth sampling and ends the sampling when it returns no player.
-    """
-    n = len(importance)
-    generator = torch.Generator().manual_seed(seed)
-    stats = _RoundStatistics(n)
-    for block_rounds in rounds:
-        if max_evaluations is not None and value.evaluations >= max_evaluations:
-            break
-        tracked = tracked_players(stats) if tracked_players else torch.ones(n, dtype=torch.bool)
-        if not tracked.any():
-            break
-        blocks = [make_round(generator) for _ in range(block_rounds)]
-        marginals = _walk_removal_orders(value, torch.cat(blocks), importance, tracked, truncation)
-        for estimate in marginals.split([len(b) for b in blocks]):
-            stats.add(estimate.mean(0), tracked)
+    """Statistics of the pair estimates of :func:`_walk_pairs` (same arguments)."""
+    stats = _RoundStatistics(len(importance))
+    for walks, tracked in _walk_pairs(
+        value,
+        importance,
+        blocks,
+        generator=torch.Generator().manual_seed(seed),
+        max_evaluations=max_evaluations,
+        tracked_players=(lambda: tracked_players(stats)) if tracked_players else None,
+        truncation=truncation,
+    ):
+        stats.add(_pair_means(walks.marginals(importance)), tracked)
     return stats
 
 
-def _blocks(total_rounds: int, per_block: int) -> Iterator[int]:
+def _blocks(total: int, per_block: int) -> Iterator[int]:
     done = 0
-    while done < total_rounds:
-        yield min(per_block, total_rounds - done)
+    while done < total:
+        yield min(per_block, total - done)
         done += per_block
 
 
-def _orders_for_budget(
-    num_permutations: int | None, max_evaluations: int | None, importance: Tensor
-) -> int:
-    """How many orderings to plan for: as asked, or as many as the evaluation budget buys."""
+def _pair_cost(importance: Tensor, tracked: Tensor) -> int:
+    """Most new coalitions one antithetic pair can cost: two around each counted removal."""
+    removals = int((importance > 0).sum()) * int(tracked.sum()) / len(tracked)
+    return 2 * min(len(tracked) + 1, 2 * math.ceil(removals))
+
+
+def _pairs_for_budget(num_permutations: int | None, max_evaluations: int | None) -> int:
+    """Antithetic pairs to plan for; with only an evaluation budget, the budget stops it."""
     if num_permutations is not None:
-        return num_permutations
+        return max(1, math.ceil(num_permutations / 2))
     if max_evaluations is None:
         raise ValueError("give num_permutations or max_evaluations (both are None)")
-    cost = max(1, int((importance > 0).sum()))  # new coalitions per ordering
-    return max(2, max_evaluations // cost)
+    return max_evaluations
 
 
 def _estimate(stats: _RoundStatistics, value: _MemoizedValue, start: float) -> ShapleyEstimate:
@@ -378,10 +427,11 @@ def permutation(
 ) -> ShapleyEstimate:
     """Monte Carlo over random orderings, each paired with its reverse (antithetic pairs).
 
-    Each ordering yields one marginal contribution per player (Castro et al. 2009); the
-    reverse ordering puts every player in the complementary position, which cancels much
-    of the variance that comes from coalition size. With a band of depth ``r`` only the
-    first ``r`` removals of each ordering are evaluated, ``r`` evaluations per ordering.
+    Each ordering yields one marginal contribution per player (Castro et al. 2009). The
+    reverse ordering gives every player the complementary predecessors, which cancels all
+    pairwise interactions between players exactly (a game with at most pairwise terms is
+    valued without error by a single pair). With a band of depth ``r`` only the first
+    ``r`` removals of each ordering are evaluated: ``r`` evaluations per ordering.
 
     Args:
         value_fn: maps a boolean ``[m, n]`` coalition tensor to ``[m]`` values.
@@ -399,19 +449,14 @@ def permutation(
     start = time.perf_counter()
     value = _MemoizedValue(value_fn, n_players)
     importance = weighting.size_importance(n_players)
-    pairs = math.ceil(_orders_for_budget(num_permutations, max_evaluations, importance) / 2)
-    stats = _sample_rounds(
-        value,
-        importance,
-        _antithetic_round(n_players),
-        _blocks(pairs, per_block=8),
-        seed=seed,
-        max_evaluations=max_evaluations,
+    pairs = _pairs_for_budget(num_permutations, max_evaluations)
+    stats = _sample_pairs(
+        value, importance, _blocks(pairs, 8), seed=seed, max_evaluations=max_evaluations
     )
     return _estimate(stats, value, start)
 
 
-def stratified(
+def surrogate(
     value_fn: ValueFunction,
     n_players: int,
     weighting: str | Weighting = "shapley",
@@ -419,58 +464,93 @@ def stratified(
     depth: int | None = None,
     num_permutations: int | None = 64,
     max_evaluations: int | None = None,
-    rounds: int = 8,
+    surrogate_permutations: int = 2000,
     seed: int = 0,
 ) -> ShapleyEstimate:
-    """Orderings stratified by position: antithetic pairs from Latin-square blocks.
+    """Antithetic permutation sampling with a learned surrogate game as control variate.
 
-    Within a round, the orderings are cyclic shifts of one random ordering over randomly
-    permuted positions, so every player is removed at a different step in each of them
-    (a uniformly random set of distinct coalition sizes), and each ordering comes with its
-    reverse. Every ordering is still uniformly random, so the estimate is unbiased, but a
-    player no longer sees the same coalition size twice by chance within a round, which is
-    where most of the variance of plain permutation sampling comes from.
+    Antithetic pairs already remove the pairwise interactions; what is left comes from
+    higher-order ones. A small neural network fitted to the coalition values of half of
+    the pairs captures much of that: its own values are cheap to estimate with many
+    orderings, and only the residual ``v - f`` is estimated from the other half's
+    evaluations (regression-adjusted Monte Carlo with cross-fitting, as in Witter et al.,
+    2025). The halves then swap roles. The estimate stays unbiased whatever the fit, the
+    standard errors come from the residuals, and the evaluations are those of
+    :func:`permutation` with the same budget.
 
     Args:
         value_fn: maps a boolean ``[m, n]`` coalition tensor to ``[m]`` values.
         n_players: number of players ``n``.
         weighting: ``"shapley"``, ``"banzhaf"``, ``"band"`` or a :class:`Weighting`.
         depth: the band's depth, with ``weighting="band"``.
-        num_permutations: orderings to sample, split into ``rounds`` equal rounds (at most
-            this many are used); ``None`` to let ``max_evaluations`` decide.
-        max_evaluations: stop once this many coalitions were evaluated.
-        rounds: independent rounds the orderings are split into (at least 2); their spread
-            gives the standard errors, so more rounds give steadier error bars and fewer
-            give stronger stratification.
-        seed: seed of the orderings; the same seed gives the same estimate.
+        num_permutations: orderings of the real game (at least 8); ``None`` to let
+            ``max_evaluations`` decide.
+        max_evaluations: plan the orderings for about this many evaluations.
+        surrogate_permutations: orderings over which the surrogate's values are averaged.
+        seed: seed of the orderings and of the surrogate; the same seed gives the same
+            estimate.
     """
     _check_players(n_players)
     weighting = resolve_weighting(weighting, depth)
-    _check_budget(num_permutations=num_permutations, max_evaluations=max_evaluations)
-    if not isinstance(rounds, int) or rounds < 2:
-        raise ValueError(f"rounds={rounds!r} is not allowed; it must be an integer of at least 2")
+    _check_budget(
+        num_permutations=num_permutations,
+        max_evaluations=max_evaluations,
+        surrogate_permutations=surrogate_permutations,
+    )
     start = time.perf_counter()
     value = _MemoizedValue(value_fn, n_players)
     importance = weighting.size_importance(n_players)
-    orders = _orders_for_budget(num_permutations, max_evaluations, importance)
-    # A round holds at most n shifts (each player once at every position) and their
-    # reverses; whatever the split, the rounds use up the budget.
-    shifts = min(n_players, max(1, orders // (2 * rounds)))
-    n_rounds = orders // (2 * shifts)
-    if n_rounds < 2:
-        raise ValueError(
-            f"num_permutations={orders} is too few for method='stratified'; it needs at least "
-            "4 (two rounds of an ordering and its reverse) to give a standard error"
-        )
-    stats = _sample_rounds(
+    generator = torch.Generator().manual_seed(seed)
+    blocks = _walk_pairs(
         value,
         importance,
-        _stratified_round(n_players, shifts),
-        _blocks(n_rounds, per_block=max(1, 16 // shifts)),
-        seed=seed,
+        _blocks(_pairs_for_budget(num_permutations, max_evaluations), 8),
+        generator=generator,
         max_evaluations=max_evaluations,
     )
-    return _estimate(stats, value, start)
+    walks = _Walks.concatenate([block for block, _ in blocks])
+    pairs = len(walks.orders) // 2
+    if pairs < 4:
+        raise ValueError(
+            f"method='surrogate' needs at least 8 orderings (4 antithetic pairs, two per "
+            f"half) but the budget gives {2 * pairs}; raise num_permutations or max_evaluations"
+        )
+    everyone = torch.ones(n_players, dtype=torch.bool)
+    half = (torch.arange(2 * pairs) // 2) % 2  # whole pairs go to one half
+    estimates, variances = [], []
+    for held_out in (0, 1):
+        fit_rows, rows = half != held_out, half == held_out
+        fitted = SurrogateGame.fit(*_evaluated(walks, fit_rows), seed=seed + held_out)
+        reference = _walk(
+            fitted,
+            _antithetic_orders(math.ceil(surrogate_permutations / 2), n_players, generator),
+            importance,
+            everyone,
+        )
+        surrogate_rounds = _pair_means(reference.marginals(importance))
+        held = walks.subset(rows)
+        residual_worth = held.worth.clone()
+        known = ~held.worth.isnan()
+        residual_worth[known] -= fitted(held.coalitions(*known.nonzero(as_tuple=True)))
+        residual_rounds = _pair_means(held.marginals(importance, residual_worth))
+        estimates.append(surrogate_rounds.mean(0) + residual_rounds.mean(0))
+        variances.append(
+            surrogate_rounds.var(0) / len(surrogate_rounds)
+            + residual_rounds.var(0) / len(residual_rounds)
+        )
+    return ShapleyEstimate(
+        values=(estimates[0] + estimates[1]) / 2,
+        stderr=((variances[0] + variances[1]) / 4).sqrt(),
+        evaluations=value.evaluations,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _evaluated(walks: _Walks, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The coalitions evaluated along the walks in ``rows``, with their values."""
+    worth = walks.worth[rows]
+    walk_rows, steps = (~worth.isnan()).nonzero(as_tuple=True)
+    return walks.coalitions(rows.nonzero().flatten()[walk_rows], steps), worth[walk_rows, steps]
 
 
 def truncated_monte_carlo(
@@ -504,17 +584,16 @@ def truncated_monte_carlo(
     _check_players(n_players)
     weighting = resolve_weighting(weighting, depth)
     _check_budget(num_permutations=num_permutations, max_evaluations=max_evaluations)
-    if not 0.0 <= truncation < 1.0:
+    if not (_is_number(truncation) and 0.0 <= truncation < 1.0):
         raise ValueError(f"truncation={truncation!r} is not allowed; it must lie in [0, 1)")
     start = time.perf_counter()
     value = _MemoizedValue(value_fn, n_players)
     importance = weighting.size_importance(n_players)
-    pairs = math.ceil(_orders_for_budget(num_permutations, max_evaluations, importance) / 2)
-    stats = _sample_rounds(
+    pairs = _pairs_for_budget(num_permutations, max_evaluations)
+    stats = _sample_pairs(
         value,
         importance,
-        _antithetic_round(n_players),
-        _blocks(pairs, per_block=8),
+        _blocks(pairs, 8),
         seed=seed,
         max_evaluations=max_evaluations,
         truncation=truncation,
@@ -533,7 +612,7 @@ def adaptive(
     confidence: float = 0.95,
     num_permutations: int | None = 2048,
     max_evaluations: int | None = None,
-    min_rounds: int = 4,
+    min_rounds: int = 8,
     seed: int = 0,
 ) -> ShapleyEstimate:
     """Antithetic pairs until the answer needed is certain, sampling only the unsure players.
@@ -562,38 +641,39 @@ def adaptive(
     _check_budget(num_permutations=num_permutations, max_evaluations=max_evaluations)
     if bottom_k is None and tolerance is None:
         raise ValueError("method='adaptive' needs a stop rule: set bottom_k, tolerance or both")
-    if bottom_k is not None and not 1 <= bottom_k < n_players:
+    if bottom_k is not None and not (_is_integer(bottom_k) and 1 <= bottom_k < n_players):
         raise ValueError(f"bottom_k={bottom_k!r} is not allowed; it must lie in [1, {n_players})")
-    if tolerance is not None and not tolerance > 0:
+    if tolerance is not None and not (_is_number(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance={tolerance!r} is not allowed; it must be positive")
-    if not 0.0 < confidence < 1.0:
+    if not (_is_number(confidence) and 0.0 < confidence < 1.0):
         raise ValueError(f"confidence={confidence!r} is not allowed; it must lie in (0, 1)")
-    if not isinstance(min_rounds, int) or min_rounds < 2:
+    if not (_is_integer(min_rounds) and min_rounds >= 2):
         raise ValueError(f"min_rounds={min_rounds!r} is not allowed; it must be an integer >= 2")
     start = time.perf_counter()
     value = _MemoizedValue(value_fn, n_players)
     importance = weighting.size_importance(n_players)
-    pairs = math.ceil(_orders_for_budget(num_permutations, max_evaluations, importance) / 2)
+    pairs = _pairs_for_budget(num_permutations, max_evaluations)
     log_term = math.log(3.0 * n_players / (1.0 - confidence))
 
     def unsure(stats: _RoundStatistics) -> Tensor:
         if stats.count.min() < min_rounds:
             return stats.count < min_rounds
-        keep = torch.zeros(n_players, dtype=torch.bool)
+        open_rules = []
         if tolerance is not None:
-            keep |= stats.stderr >= tolerance
+            open_rules.append(stats.stderr >= tolerance)
         if bottom_k is not None:
-            keep |= _unsure_of_bottom_k(stats, bottom_k, log_term)
-        return keep
+            open_rules.append(_unsure_of_bottom_k(stats, bottom_k, log_term))
+        if not all(rule.any() for rule in open_rules):
+            return torch.zeros(n_players, dtype=torch.bool)  # the first rule met stops
+        return torch.stack(open_rules).any(0)
 
     def block_sizes() -> Iterator[int]:
         yield min(min_rounds, pairs)
         yield from _blocks(pairs - min_rounds, per_block=4)
 
-    stats = _sample_rounds(
+    stats = _sample_pairs(
         value,
         importance,
-        _antithetic_round(n_players),
         block_sizes(),
         seed=seed,
         max_evaluations=max_evaluations,
@@ -619,16 +699,22 @@ def _unsure_of_bottom_k(stats: _RoundStatistics, k: int, log_term: float) -> Ten
 # --------------------------------------------------------------------------- checks
 
 
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_players(n_players: int) -> None:
-    if not isinstance(n_players, int) or isinstance(n_players, bool) or n_players < 1:
+    if not _is_integer(n_players) or n_players < 1:
         raise ValueError(f"n_players={n_players!r} is not allowed; it must be a positive integer")
 
 
 def _check_budget(**budgets: int | None) -> None:
     for name, budget in budgets.items():
-        if budget is not None and (
-            not isinstance(budget, int) or isinstance(budget, bool) or budget < 1
-        ):
+        if budget is not None and not (_is_integer(budget) and budget >= 1):
             raise ValueError(
                 f"{name}={budget!r} is not allowed; it must be a positive integer or None"
             )

@@ -18,7 +18,7 @@ from lightning_shapley.weighting import Weighting
 METHODS: dict[str, Callable[..., ShapleyEstimate]] = {
     "exact": estimators.exact,
     "permutation": estimators.permutation,
-    "stratified": estimators.stratified,
+    "surrogate": estimators.surrogate,
     "tmc": estimators.truncated_monte_carlo,
     "adaptive": estimators.adaptive,
 }
@@ -32,7 +32,7 @@ def shapley_values(
     value: ValueSetting = "loss",
     weighting: str | Weighting = "shapley",
     depth: int | None = None,
-    method: str = "stratified",
+    method: str = "surrogate",
     channel_dim: int = 1,
     pruned: Tensor | None = None,
     engine: str = "auto",
@@ -47,7 +47,7 @@ def shapley_values(
         value: ``"loss"``, ``"accuracy"``, a torchmetrics ``Metric`` or ``fn(logits, targets)``.
         weighting: ``"shapley"`` (the classic value), ``"banzhaf"`` or ``"band"``.
         depth: the band's depth ``r``, with ``weighting="band"``.
-        method: ``"exact"``, ``"permutation"``, ``"stratified"``, ``"tmc"`` or ``"adaptive"``.
+        method: ``"exact"``, ``"permutation"``, ``"surrogate"``, ``"tmc"`` or ``"adaptive"``.
         channel_dim: the channel dimension of the layer's output.
         pruned: boolean ``[C]`` of channels already pruned (kept out of every coalition).
         engine: how coalitions are evaluated, see :class:`~lightning_shapley.game.ChannelGame`.

@@ -78,7 +78,8 @@ class Weighting:
         if self.name == "banzhaf":
             return n * torch.exp(_log_binomials(n - 1) - (n - 1) * math.log(2.0))
         depth = self.band_depth(n)
-        return torch.where(sizes >= n - depth, n / depth, 0.0).to(torch.float64)
+        inside = torch.full((n,), n / depth, dtype=torch.float64)
+        return torch.where(sizes >= n - depth, inside, torch.zeros_like(inside))
 
     def __str__(self) -> str:
         return f"band(depth={self.depth})" if self.name == "band" else self.name
