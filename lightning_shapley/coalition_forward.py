@@ -106,7 +106,7 @@ class FullForward:
 
         def zero_channels(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
             stacked = output.reshape(len(inputs), k, *output.shape[1:])
-            masked = stacked * _mask_view(masks, output.ndim, self._channel_dim)
+            masked = stacked * _mask_view(masks.to(output.dtype), output.ndim, self._channel_dim)
             return masked.reshape(output.shape)
 
         handle = self._mask_module.register_forward_hook(zero_channels)
@@ -121,7 +121,7 @@ class FullForward:
 
 # Channel-wise operations that map a zero channel to a zero channel: masking commutes with
 # them, so the mask can move past them to the next convolution or linear layer.
-_CHANNELWISE_MODULES = (
+CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
     nn.Hardtanh, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -153,10 +153,23 @@ def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _is_channelwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _CHANNELWISE_MODULES)
+        return isinstance(gm.get_submodule(node.target), CHANNELWISE_MODULES)
     if node.op == "call_function":
         return node.target in _CHANNELWISE_FUNCTIONS
     return node.op == "call_method" and node.target in _CHANNELWISE_METHODS
+
+
+def _is_foldable(module: nn.Module) -> bool:
+    """A plain linear layer or dense convolution without hooks.
+
+    The folded head calls the layer's functional form, so subclasses (which may override
+    ``forward``) and layers with hooks must run as they are.
+    """
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if type(module) is nn.Linear:
+        return True
+    return type(module) in _FOLDABLE_CONVS and module.groups == 1 and module.padding_mode == "zeros"
 
 
 def _fold_target(gm: fx.GraphModule, mask_node: fx.Node) -> tuple[fx.Node, nn.Module] | None:
@@ -166,15 +179,13 @@ def _fold_target(gm: fx.GraphModule, mask_node: fx.Node) -> tuple[fx.Node, nn.Mo
         (user,) = node.users
         if user.all_input_nodes != [node] or user.args[0] is not node:
             return None
-        if user.op == "call_module":
-            module = gm.get_submodule(user.target)
-            if isinstance(module, nn.Linear) or (
-                isinstance(module, _FOLDABLE_CONVS)
-                and module.groups == 1
-                and module.padding_mode == "zeros"
-                and not flattened
-            ):
-                return user, module
+        module = gm.get_submodule(user.target) if user.op == "call_module" else None
+        if (
+            module is not None
+            and _is_foldable(module)
+            and (type(module) is nn.Linear or not flattened)
+        ):
+            return user, module
         if _is_flatten(gm, user) and not flattened:
             flattened = True
         elif not _is_channelwise(gm, user):
@@ -190,7 +201,8 @@ class _MultiplyHead:
         self._channel_dim = channel_dim
 
     def __call__(self, activation: Tensor, masks: Tensor) -> Tensor:
-        masked = activation.unsqueeze(1) * _mask_view(masks, activation.ndim, self._channel_dim)
+        view = _mask_view(masks.to(activation.dtype), activation.ndim, self._channel_dim)
+        masked = activation.unsqueeze(1) * view
         return masked.flatten(0, 1)
 
 
@@ -209,7 +221,7 @@ class _FoldedHead:
     def __call__(self, layer_input: Tensor, masks: Tensor) -> Tensor:
         k = len(masks)
         weight = self._layer.weight
-        feature_masks = masks.repeat_interleave(self._features_per_channel, 1)
+        feature_masks = masks.to(weight.dtype).repeat_interleave(self._features_per_channel, 1)
         mask_shape = (k, 1, weight.shape[1]) + (1,) * (weight.ndim - 2)
         stacked = (weight.unsqueeze(0) * feature_masks.reshape(mask_shape)).flatten(0, 1)
         bias = None if self._layer.bias is None else self._layer.bias.repeat(k)
@@ -230,7 +242,8 @@ class SplitForward:
         channel_dim: the channel dimension of that output.
         n_channels: the number of channels there.
         inputs: one input tensor per scoring batch.
-        fold: fold the mask into the next convolution or linear layer where possible.
+        fold: fold the mask into the next convolution or linear layer where possible;
+            :attr:`name` says whether it was (``"split+fold"``) or not (``"split"``).
 
     Raises:
         UnsplittableModelError: the model cannot be traced, calls the module more than
@@ -260,16 +273,23 @@ class SplitForward:
             raise UnsplittableModelError("the model's forward takes more than one input")
         (mask_node,) = mask_nodes
         target = _fold_target(gm, mask_node) if fold and channel_dim == 1 else None
+        head: _FoldedHead | _MultiplyHead | None = None
         if target is not None:
-            split_node, layer = target
-            head_input = split_node.args[0]
-            self.name = "split+fold"
-        else:
-            split_node, head_input, layer = mask_node, mask_node, None
-            self.name = "split"
+            consumer, layer = target
+            self._cut(gm, consumer, consumer.args[0], inputs)
+            head = self._folded_head(layer)
+        if head is None:
+            self._cut(gm, mask_node, mask_node, inputs)
+            head = _MultiplyHead(channel_dim)
+        self._head = head
+        self.name = "split" if isinstance(head, _MultiplyHead) else "split+fold"
+
+    def _cut(
+        self, gm: fx.GraphModule, split_node: fx.Node, head_input: fx.Node, inputs: Sequence[Tensor]
+    ) -> None:
+        """Splits the graph at ``split_node`` and caches the upstream values of every batch."""
         self._build(gm, split_node, head_input)
         self._cache = [self._cached(x) for x in inputs]
-        self._head = self._make_head(layer, channel_dim)
 
     def _build(self, gm: fx.GraphModule, split_node: fx.Node, head_input: fx.Node) -> None:
         graph = gm.graph
@@ -288,10 +308,18 @@ class SplitForward:
         batch_dependent = _batch_dependent(graph)
         self._repeat = [node in batch_dependent for node in boundary]
 
+        # The split node itself is cached when it is the head's input (the masked
+        # activation); a folded consumer is not, the head replaces it.
+        upstream = [
+            node
+            for node in graph.nodes
+            if node not in downstream
+            and node.op != "output"
+            and (node is not split_node or node is head_input)
+        ]
         prefix, env = fx.Graph(), {}
-        for node in graph.nodes:
-            if node not in downstream and node is not split_node and node.op != "output":
-                env[node] = prefix.node_copy(node, env.__getitem__)
+        for node in upstream:
+            env[node] = prefix.node_copy(node, env.__getitem__)
         prefix.output(tuple(env[node] for node in [head_input, *boundary]))
         self._prefix = fx.GraphModule(gm, prefix)
 
@@ -303,7 +331,6 @@ class SplitForward:
             if node in downstream:
                 env[node] = suffix.node_copy(node, env.__getitem__)
         self._suffix = fx.GraphModule(gm, suffix)
-        self._split_node = split_node
 
     def _cached(self, inputs: Tensor) -> tuple[Tensor, list[object]]:
         head_input, *boundary = self._prefix(inputs)
@@ -315,18 +342,13 @@ class SplitForward:
                 )
         return head_input, boundary
 
-    def _make_head(
-        self, layer: nn.Module | None, channel_dim: int
-    ) -> Callable[[Tensor, Tensor], Tensor]:
-        if layer is None:
-            return _MultiplyHead(channel_dim)
+    def _folded_head(self, layer: nn.Module) -> _FoldedHead | None:
+        """The head that folds the mask into ``layer``, if its cached input maps to channels."""
         head_input = self._cache[0][0]
-        if isinstance(layer, nn.Linear):
-            per_channel, remainder = divmod(head_input.shape[-1], self._n_channels)
-            if head_input.ndim != 2 or remainder:
-                raise UnsplittableModelError("the linear layer's input does not map to channels")
-            return _FoldedHead(layer, per_channel)
-        return _FoldedHead(layer, 1)
+        if isinstance(layer, _FOLDABLE_CONVS):
+            return _FoldedHead(layer, 1) if head_input.shape[1] == self._n_channels else None
+        per_channel, remainder = divmod(head_input.shape[-1], self._n_channels)
+        return None if head_input.ndim != 2 or remainder else _FoldedHead(layer, per_channel)
 
     def bytes_per_coalition(self) -> int:
         """Activation bytes of the downstream part for one coalition on the largest batch."""

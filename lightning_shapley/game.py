@@ -16,12 +16,17 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_shapley.coalition_forward import FullForward, SplitForward, UnsplittableModelError
+from lightning_shapley.coalition_forward import (
+    CHANNELWISE_MODULES,
+    FullForward,
+    SplitForward,
+    UnsplittableModelError,
+)
 from lightning_shapley.value_functions import ValueSetting, resolve_value
 
 Batch = tuple[Tensor, Tensor]
 
-ENGINES = ("auto", "split", "full")
+ENGINES = ("auto", "split+fold", "split", "full")
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *_BATCHNORMS)
 
@@ -61,9 +66,11 @@ class ChannelGame:
         pruned: channels that are already pruned and stay out of every coalition, as a
             boolean ``[C]`` tensor; channels whose ``weight_mask`` (``torch.nn.utils.prune``)
             rows are all zero are added to it.
-        engine: ``"split"`` caches what lies upstream of the layer (``torch.fx``),
-            ``"full"`` replays the whole model per coalition, ``"auto"`` splits when the
-            model allows it.
+        engine: how coalitions are evaluated. ``"split"`` caches what lies upstream of
+            the mask (``torch.fx``) and runs only the rest per coalition; ``"split+fold"``
+            also folds the mask into the next convolution or linear layer, so a batch of
+            coalitions is one large matrix product; ``"full"`` replays the whole model per
+            coalition. ``"auto"`` (the default) takes the first of these the model allows.
         memory_budget: activation bytes one batch of coalitions may take; defaults by
             device (:data:`DEFAULT_MEMORY_BUDGET`).
         coalitions_per_forward: fix the number of coalitions per forward pass instead.
@@ -128,16 +135,37 @@ class ChannelGame:
         self.coalitions_per_forward = coalitions_per_forward or max(
             1, min(MAX_COALITIONS_PER_FORWARD, budget // max(per_coalition, 1))
         )
+        if _uses_batch_statistics(model):
+            # Coalitions stacked in one batch would share the batch statistics.
+            if coalitions_per_forward not in (None, 1):
+                raise ValueError(
+                    f"coalitions_per_forward={coalitions_per_forward} is not allowed for this "
+                    "model: a BatchNorm with track_running_stats=False normalizes by the "
+                    "batch, so coalitions must be evaluated one per forward pass (1 or None)"
+                )
+            self.coalitions_per_forward = 1
 
     def _make_engine(self, engine: str, inputs: list[Tensor]) -> SplitForward | FullForward:
         if engine != "full":
             try:
-                return SplitForward(
-                    self.model, self.mask_module_name, self.channel_dim, self.n_channels, inputs
+                split = SplitForward(
+                    self.model,
+                    self.mask_module_name,
+                    self.channel_dim,
+                    self.n_channels,
+                    inputs,
+                    fold=engine != "split",
                 )
             except UnsplittableModelError:
-                if engine == "split":
+                if engine != "auto":
                     raise
+            else:
+                if engine == "split+fold" and split.name != engine:
+                    raise UnsplittableModelError(
+                        "engine='split+fold': no convolution or linear layer follows "
+                        f"{self.mask_module_name!r} through channel-wise operations only"
+                    )
+                return split
         mask_module = self.model.get_submodule(self.mask_module_name)
         return FullForward(self.model, mask_module, self.channel_dim, inputs)
 
@@ -214,22 +242,34 @@ def _checked_batches(
 def _probe(
     model: nn.Module, module: nn.Module, inputs: Tensor
 ) -> tuple[torch.Size, nn.Module | None]:
-    """The layer's output shape, and the BatchNorm that consumes that output, if any."""
+    """The layer's output shape, and the BatchNorm that follows it, if any.
+
+    A BatchNorm follows when it consumes the layer's output directly or through
+    channel-wise modules only (Conv-BN-ReLU and Conv-ReLU-BN alike): the mask then goes
+    after it, so that its shift cannot leak into a channel that is switched off.
+    """
     seen: dict[str, object] = {}
+    chain: list[Tensor] = []  # the layer's output and what channel-wise modules made of it
 
     def record_output(_module: nn.Module, _inputs: object, output: object) -> None:
-        seen.setdefault("output", output)
+        if "output" not in seen:
+            seen["output"] = output
+            chain.extend(_tensors_of(output))
 
-    def record_follower(batchnorm: nn.Module, args: tuple) -> None:
-        if "output" in seen and args and args[0] is seen["output"]:
-            seen.setdefault("follower", batchnorm)
+    def follow(successor: nn.Module, args: tuple, output: object) -> None:
+        if not (args and any(args[0] is tensor for tensor in chain)):
+            return
+        if isinstance(successor, _BATCHNORMS):
+            seen.setdefault("follower", successor)
+        else:
+            chain.extend(_tensors_of(output))
 
     handles = [module.register_forward_hook(record_output)]
     if not isinstance(module, _BATCHNORMS):
         handles += [
-            m.register_forward_pre_hook(record_follower)
+            m.register_forward_hook(follow)
             for m in model.modules()
-            if isinstance(m, _BATCHNORMS)
+            if isinstance(m, (*_BATCHNORMS, *CHANNELWISE_MODULES))
         ]
     try:
         model(inputs)
@@ -248,6 +288,15 @@ def _probe(
             "channels of a tensor shaped [batch, ...]"
         )
     return output.shape, seen.get("follower")
+
+
+def _tensors_of(output: object) -> list[Tensor]:
+    return [output] if isinstance(output, Tensor) else []
+
+
+def _uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether a BatchNorm normalizes by the batch even in eval mode, mixing its samples."""
+    return any(isinstance(m, _BATCHNORMS) and not m.track_running_stats for m in model.modules())
 
 
 def _checked_channel_dim(channel_dim: int, shape: torch.Size, layer: str) -> int:

@@ -30,8 +30,8 @@ def negative_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Fraction of samples whose highest logit is the target class, per coalition."""
-    return (logits.argmax(-1) == targets).flatten(1).float().mean(1)
+    """Fraction of samples whose highest logit is the target class (dimension 1 of a sample)."""
+    return (logits.argmax(2) == targets).flatten(1).float().mean(1)
 
 
 class _MetricValue:
