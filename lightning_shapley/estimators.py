@@ -46,12 +46,15 @@ class ShapleyEstimate:
             player was sampled in fewer than two independent rounds).
         evaluations: distinct coalitions evaluated to get these values.
         seconds: wall-clock time spent.
+        samples: int64 ``[n]``, the independent rounds (antithetic pairs) behind each
+            value; 0 when exact. The adaptive estimator gives unsure players more.
     """
 
     values: Tensor
     stderr: Tensor
     evaluations: int
     seconds: float
+    samples: Tensor
 
 
 class _MemoizedValue:
@@ -150,6 +153,7 @@ def exact(
         stderr=torch.zeros(n_players, dtype=torch.float64),
         evaluations=value.evaluations,
         seconds=time.perf_counter() - start,
+        samples=torch.zeros(n_players, dtype=torch.long),
     )
 
 
@@ -409,6 +413,7 @@ def _estimate(stats: _RoundStatistics, value: _MemoizedValue, start: float) -> S
         stderr=stats.stderr,
         evaluations=value.evaluations,
         seconds=time.perf_counter() - start,
+        samples=stats.count.long(),
     )
 
 
@@ -543,6 +548,7 @@ def surrogate(
         stderr=((variances[0] + variances[1]) / 4).sqrt(),
         evaluations=value.evaluations,
         seconds=time.perf_counter() - start,
+        samples=torch.full((n_players,), pairs, dtype=torch.long),
     )
 
 

@@ -56,7 +56,7 @@ def shapley_values(
 
     Returns:
         The estimate over all ``C`` channels of the layer; channels already pruned have
-        value and standard error NaN.
+        value and standard error NaN and no samples.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
@@ -82,6 +82,8 @@ def shapley_values(
     estimate = estimator(game, game.n_players, weighting, depth=depth, **estimator_options)
     values = torch.full((game.n_channels,), math.nan, dtype=torch.float64)
     stderr = values.clone()
+    samples = torch.zeros(game.n_channels, dtype=torch.long)
     values[game.players] = estimate.values
     stderr[game.players] = estimate.stderr
-    return ShapleyEstimate(values, stderr, estimate.evaluations, estimate.seconds)
+    samples[game.players] = estimate.samples
+    return ShapleyEstimate(values, stderr, estimate.evaluations, estimate.seconds, samples)

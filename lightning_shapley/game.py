@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_shapley.allocator import retain_freed_memory
 from lightning_shapley.coalition_forward import (
     CHANNELWISE_MODULES,
     FullForward,
@@ -31,7 +32,7 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *_BATCHNORMS)
 
 #: Activation memory one batch of coalitions may take, by device type.
-DEFAULT_MEMORY_BUDGET = {"cpu": 64 * 2**20, "cuda": 2 * 2**30}
+DEFAULT_MEMORY_BUDGET = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
 #: More coalitions per forward pass stop paying off beyond this on the CPU.
 MAX_COALITIONS_PER_FORWARD = 64
 
@@ -112,10 +113,12 @@ class ChannelGame:
                 raise ValueError(
                     f"{name}={setting!r} is not allowed; it must be a positive integer or None"
                 )
+        self.device = next(model.parameters(), torch.empty(0)).device
+        if self.device.type == "cpu":
+            retain_freed_memory()
         self.model = model
         self.layer = layer
         self._value_fn = resolve_value(value)
-        self.device = next(model.parameters(), torch.empty(0)).device
         inputs, self._targets = _checked_batches(batches, self.device)
         with scoring_mode(model):
             shape, follower = _probe(model, module, inputs[0])
