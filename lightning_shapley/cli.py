@@ -31,19 +31,15 @@ def main(cfg: DictConfig) -> None:
 
     shapley = cfg.shapley
     batches = list(islice(datamodule.val_dataloader(), shapley.score_batches))
-    options = {} if shapley.depth is None else {"depth": shapley.depth}
-    # Score the trained model as it will be used: BatchNorm on its running statistics.
-    net.eval()
     est = shapley_values(
         net,
         shapley.layer,
         batches,
         value=shapley.value,
         weighting=shapley.weighting,
+        depth=shapley.depth,
         method=shapley.method,
-        num_permutations=shapley.num_permutations,
-        seed=shapley.seed,
-        **options,
+        **OmegaConf.to_container(shapley.options, resolve=True),
     )
 
     print(f"test accuracy: {test_metrics['test/acc']:.4f}")
@@ -95,3 +91,7 @@ def format_value_table(values: torch.Tensor, stderr: torch.Tensor) -> str:
             f"| {rank} | {channel} | {value_list[channel]:.4g} | {stderr_list[channel]:.2g} |"
         )
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

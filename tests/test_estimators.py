@@ -527,10 +527,25 @@ def test_adaptive_finds_the_bottom_k_before_the_budget_is_spent(seed: int) -> No
     game, bottom = separated_bottom_game(n)
     reference = exact(game, n).values
     assert set(torch.argsort(reference)[:3].tolist()) == bottom
-    est = adaptive(game, n, bottom_k=3, num_permutations=None, max_evaluations=budget, seed=seed)
-    assert set(torch.argsort(est.values)[:3].tolist()) == bottom
-    # Seen: 800-1000 evaluations.
-    assert est.evaluations < budget / 4
+    estimates = {
+        bound: adaptive(
+            game,
+            n,
+            bottom_k=3,
+            bound=bound,
+            num_permutations=None,
+            max_evaluations=budget,
+            seed=seed,
+        )
+        for bound in ("bernstein", "normal")
+    }
+    for est in estimates.values():
+        assert set(torch.argsort(est.values)[:3].tolist()) == bottom
+        # Every player got the minimum rounds before any stop was considered.
+        assert est.samples.min() >= 8
+    # Seen: 800-1000 evaluations with the Bernstein bound; the normal bound is tighter.
+    assert estimates["bernstein"].evaluations < budget / 4
+    assert estimates["normal"].evaluations <= estimates["bernstein"].evaluations
 
 
 @pytest.mark.parametrize("tolerance", [0.2, 0.1])
@@ -658,6 +673,11 @@ def inf_game(c: Tensor) -> Tensor:
             id="truncation-neg",
         ),
         pytest.param(lambda: adaptive(GAME4, 4), r"needs a stop rule", id="no-stop-rule"),
+        pytest.param(
+            lambda: adaptive(GAME4, 4, bottom_k=1, bound="hoeffding"),
+            r"bound='hoeffding' is not known; use one of \('bernstein', 'normal'\)",
+            id="bound-unknown",
+        ),
         pytest.param(
             lambda: adaptive(GAME4, 4, bottom_k=4), r"bottom_k=4 .*\[1, 4\)", id="bottom-k=n"
         ),
