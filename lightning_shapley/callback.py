@@ -1,0 +1,370 @@
+"""``ShapleyPruning``: the Lightning callback that scores channels and prunes them on schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+from lightning_shapley.game import Batch, scoring_mode
+from lightning_shapley.masking import prune_channels, pruned_channels
+from lightning_shapley.schedule import make_schedule
+from lightning_shapley.scorers import ChannelScores, Scorer, resolve_scorer
+from lightning_shapley.units import PrunableUnit, find_units
+from lightning_shapley.value_functions import ValueSetting, accuracy, resolve_value
+
+SCOPES = ("layer", "global")
+SCORE_SOURCES = ("val", "train")
+BatchTransform = Callable[[Any], Batch]
+
+
+def _default_batch(batch: Any) -> Batch:
+    inputs, targets = batch[0], batch[1]
+    return inputs, targets
+
+
+class ShapleyPruning(Callback):
+    """Scores channels at the end of chosen epochs and prunes the lowest, structurally.
+
+    At the end of each epoch in the schedule, every prunable unit (a convolution or
+    linear layer with what is coupled to its output channels, see
+    :func:`~lightning_shapley.units.find_units`) is scored on held-out batches, the
+    lowest-scoring channels are masked through ``torch.nn.utils.prune`` until the unit
+    reaches the schedule's sparsity, and the trainer fine-tunes the rest as usual. Masks
+    are cumulative: a pruned channel stays at zero.
+
+    Args:
+        amount: final fraction of channels removed, in ``[0, 1)``: in each unit, or over
+            all units with ``scope="global"``.
+        epochs: 0-based epochs at whose end a step runs, the sparsity ramping up to
+            ``amount`` (cubic by default); an int or ``None`` (epoch 0) for one shot.
+        layers: names of the layers to prune; ``None`` for every prunable Conv/Linear
+            except the output layer.
+        scorer: ``"shapley"`` | ``"l1"`` | ``"bn_gamma"`` | ``"taylor"`` | ``"random"``
+            or a :class:`~lightning_shapley.scorers.Scorer`.
+        value: the coalition value of the Shapley scorer: ``"loss"`` | ``"accuracy"`` |
+            a torchmetrics Metric | ``fn(logits, targets)``.
+        num_permutations: the Shapley scorer's sampling budget per unit.
+        weighting: the Shapley scorer's coalition-size weighting.
+        depth: the band's depth, with ``weighting="band"``.
+        method: the Shapley scorer's estimator.
+        score_dataloader: held-out batches to score on; ``None`` for the datamodule's
+            loader named by ``score_source``.
+        score_batches: how many of its batches are used.
+        score_source: ``"val"`` (default) or ``"train"``, when no ``score_dataloader``.
+        scope: ``"layer"`` or ``"global"`` (one ranking across units).
+        min_channels: channels every unit keeps, whatever the amount.
+        ramp: ``"cubic"`` (Zhu & Gupta, 2017) or ``"linear"``.
+        batch_transform: turns a batch of the loader into ``(inputs, targets)``; by default
+            its first two items.
+        seed: seed of the Shapley sampling and of the random scorer.
+
+    Example:
+        >>> pruning = ShapleyPruning(amount=0.5, epochs=[2, 4, 6])
+        >>> trainer = lightning.Trainer(max_epochs=10, callbacks=[pruning])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        amount: float = 0.5,
+        epochs: int | Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+        scorer: str | Scorer = "shapley",
+        value: ValueSetting = "loss",
+        num_permutations: int = 32,
+        weighting: str = "shapley",
+        depth: int | None = None,
+        method: str = "surrogate",
+        score_dataloader: Iterable[Any] | None = None,
+        score_batches: int = 4,
+        score_source: str = "val",
+        scope: str = "layer",
+        min_channels: int = 1,
+        ramp: str = "cubic",
+        batch_transform: BatchTransform | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.schedule = make_schedule(amount, epochs, ramp)
+        self.amount = amount
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} is not known; use one of {SCOPES}")
+        if score_source not in SCORE_SOURCES:
+            raise ValueError(
+                f"score_source={score_source!r} is not known; use one of {SCORE_SOURCES}"
+            )
+        for name, number in (("score_batches", score_batches), ("min_channels", min_channels)):
+            if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+                raise ValueError(f"{name}={number!r} is not allowed; it must be a positive integer")
+        self.scorer = resolve_scorer(
+            scorer,
+            seed=seed,
+            value=value,
+            weighting=weighting,
+            depth=depth,
+            method=method,
+            num_permutations=num_permutations,
+        )
+        self.layers = None if layers is None else list(layers)
+        self.score_dataloader = score_dataloader
+        self.score_batches = score_batches
+        self.score_source = score_source
+        self.scope = scope
+        self.min_channels = min_channels
+        self.batch_transform = batch_transform or _default_batch
+        self._value_fn = resolve_value(value)
+        self.units: list[PrunableUnit] = []
+        self.history: list[dict[str, Any]] = []
+        self._batches: list[Batch] = []
+        self._pending_masks: dict[str, list[bool]] | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    @override
+    def setup(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str
+    ) -> None:
+        """Checks the whole configuration against the model before any training."""
+        if stage != "fit":
+            return
+        self.schedule.validate(trainer.max_epochs)
+        self._batches = self._fetch_batches(trainer)
+        self.units = find_units(pl_module, self._batches[0][0], self.layers)
+        for unit in self.units:
+            self.scorer.check(unit)
+            # A global ranking decides per unit later; it can always keep min_channels.
+            amount = self.amount if self.scope == "layer" else 0.0
+            kept = unit.n_channels - self._channels_to_prune(unit.n_channels, amount)
+            if kept < self.min_channels:
+                raise ValueError(
+                    f"amount={self.amount} would leave unit {unit.name!r} with {kept} of its "
+                    f"{unit.n_channels} channels, fewer than min_channels={self.min_channels}; "
+                    "lower amount or min_channels, or leave the unit out with layers="
+                )
+
+    def _fetch_batches(self, trainer: lightning.Trainer) -> list[Batch]:
+        loader = self.score_dataloader
+        if loader is None:
+            datamodule = trainer.datamodule
+            if datamodule is None:
+                raise ValueError(
+                    "score_dataloader is None and the trainer has no datamodule to take the "
+                    f"{self.score_source} loader from; pass score_dataloader="
+                )
+            loader = getattr(datamodule, f"{self.score_source}_dataloader")()
+        batches = []
+        for index, batch in enumerate(islice(loader, self.score_batches)):
+            try:
+                inputs, targets = self.batch_transform(batch)
+            except (TypeError, IndexError, KeyError, ValueError) as error:
+                raise ValueError(
+                    f"scoring batch {index} (a {type(batch).__name__}) cannot be unpacked into "
+                    f"(inputs, targets): {error}; pass batch_transform= to say how"
+                ) from error
+            if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+                raise ValueError(
+                    f"scoring batch {index} unpacked into ({type(inputs).__name__}, "
+                    f"{type(targets).__name__}); inputs and targets must be tensors"
+                )
+            batches.append((inputs, targets))
+        if not batches:
+            raise ValueError("the scoring loader gave no batches; it must give at least one")
+        return batches
+
+    def _channels_to_prune(self, n_channels: int, sparsity: float) -> int:
+        return math.floor(sparsity * n_channels + 1e-9)
+
+    # ------------------------------------------------------------------ the step
+
+    @override
+    def on_train_start(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        """Re-applies the masks of a resumed run (its checkpoint holds plain weights)."""
+        if self._pending_masks is None:
+            return
+        for unit in self.units:
+            if unit.name in self._pending_masks:
+                pruned = torch.tensor(self._pending_masks[unit.name], dtype=torch.bool)
+                if pruned.any():
+                    prune_channels(pl_module, unit, pruned)
+        self._pending_masks = None
+
+    @override
+    def on_train_epoch_end(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        """Prunes to the schedule's sparsity if this epoch has a step."""
+        target = self.schedule.target(trainer.current_epoch)
+        if target is not None:
+            self._step(trainer, pl_module, target)
+
+    def _step(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, target: float
+    ) -> None:
+        device = pl_module.device
+        batches = [(x.to(device), y.to(device)) for x, y in self._batches]
+        before = self._measure(pl_module, batches)
+        start = time.perf_counter()
+        current = {unit.name: pruned_channels(pl_module, unit) for unit in self.units}
+        scores = {
+            unit.name: self.scorer.score(pl_module, unit, batches, current[unit.name])
+            for unit in self._progress(self.units, trainer)
+        }
+        plan = self._plan(target, current, scores)
+        seconds = time.perf_counter() - start
+        for unit in self.units:
+            if plan[unit.name].any():
+                prune_channels(pl_module, unit, current[unit.name] | plan[unit.name])
+        after = self._measure(pl_module, batches)
+        self._record(trainer, pl_module, target, scores, before, after, seconds)
+
+    def _progress(self, units: list[PrunableUnit], trainer: lightning.Trainer) -> Iterable:
+        """The units, with a progress bar when the trainer shows one."""
+        return tqdm(
+            units,
+            desc=f"Scoring channels ({self.scorer.name})",
+            unit="unit",
+            leave=False,
+            disable=trainer.progress_bar_callback is None or not trainer.is_global_zero,
+        )
+
+    def _plan(
+        self, target: float, current: dict[str, Tensor], scores: dict[str, ChannelScores]
+    ) -> dict[str, Tensor]:
+        """Which channels to prune now, per unit: the lowest scores up to the target."""
+        plan = {name: torch.zeros_like(pruned) for name, pruned in current.items()}
+        if self.scope == "layer":
+            for unit in self.units:
+                wanted = self._channels_to_prune(unit.n_channels, target)
+                cap = unit.n_channels - self.min_channels
+                new = min(wanted, cap) - int(current[unit.name].sum())
+                order = _ascending_unpruned(scores[unit.name].values)
+                plan[unit.name][order[: max(new, 0)]] = True
+            return plan
+        total = sum(unit.n_channels for unit in self.units)
+        already = sum(int(pruned.sum()) for pruned in current.values())
+        needed = self._channels_to_prune(total, target) - already
+        candidates = sorted(
+            (float(scores[unit.name].values[c]), unit.name, c)
+            for unit in self.units
+            for c in _ascending_unpruned(scores[unit.name].values).tolist()
+        )
+        left = {unit.name: unit.n_channels - int(current[unit.name].sum()) for unit in self.units}
+        for _, name, channel in candidates:
+            if needed <= 0:
+                break
+            if left[name] > self.min_channels:
+                plan[name][channel] = True
+                left[name] -= 1
+                needed -= 1
+        return plan
+
+    def _measure(
+        self, pl_module: lightning.LightningModule, batches: list[Batch]
+    ) -> dict[str, float]:
+        with scoring_mode(pl_module):
+            logits = torch.cat([pl_module(x) for x, _ in batches]).unsqueeze(0)
+        targets = torch.cat([y for _, y in batches])
+        return {
+            "value": float(self._value_fn(logits, targets)[0]),
+            "accuracy": float(accuracy(logits, targets)[0]),
+        }
+
+    def _record(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        target: float,
+        scores: dict[str, ChannelScores],
+        before: dict[str, float],
+        after: dict[str, float],
+        seconds: float,
+    ) -> None:
+        pruned = {unit.name: pruned_channels(pl_module, unit) for unit in self.units}
+        total = sum(unit.n_channels for unit in self.units)
+        removed = sum(int(p.sum()) for p in pruned.values())
+        step = {
+            "epoch": trainer.current_epoch,
+            "target_sparsity": target,
+            "sparsity": removed / total,
+            "unit_sparsity": {name: float(p.double().mean()) for name, p in pruned.items()},
+            "parameters": _effective_parameters(pl_module),
+            "value_before": before["value"],
+            "value_after": after["value"],
+            "accuracy_before": before["accuracy"],
+            "accuracy_after": after["accuracy"],
+            "scoring_seconds": seconds,
+            "evaluations": sum(s.evaluations for s in scores.values()),
+            "masks": {name: p.tolist() for name, p in pruned.items()},
+        }
+        self.history.append(step)
+        metrics = {f"pruning/{k}": float(v) for k, v in step.items() if not isinstance(v, dict)}
+        metrics |= {f"pruning/sparsity/{k}": v for k, v in step["unit_sparsity"].items()}
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+        rank_zero_info(
+            f"ShapleyPruning: epoch {step['epoch']}: sparsity {step['sparsity']:.3f} "
+            f"(target {target:.3f}), scoring accuracy {before['accuracy']:.4f} -> "
+            f"{after['accuracy']:.4f}, {step['evaluations']} evaluations in {seconds:.1f} s"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The step history (with the masks after each step) and the schedule's state."""
+        return {"history": self.history, "schedule": self.schedule.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the history; the masks are re-applied when training starts."""
+        self.history = list(state_dict["history"])
+        self.schedule.load_state_dict(state_dict["schedule"])
+        self._pending_masks = self.history[-1]["masks"] if self.history else None
+
+    @override
+    def on_save_checkpoint(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        checkpoint: dict[str, Any],
+    ) -> None:
+        """Saves plain weights, ``weight = weight_orig * weight_mask``.
+
+        The checkpoint then loads into a fresh model with no ``weight_orig`` or
+        ``weight_mask`` keys; the masks travel in this callback's state.
+        """
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.endswith("_orig")]:
+            base = key[: -len("_orig")]
+            mask = state.pop(f"{base}_mask", None)
+            original = state.pop(key)
+            state[base] = original if mask is None else original * mask
+
+
+def _ascending_unpruned(values: Tensor) -> Tensor:
+    """Indices of the channels still in play (finite score), lowest score first."""
+    order = torch.argsort(values.nan_to_num(nan=math.inf), stable=True)
+    return order[: int(torch.isfinite(values).sum())]
+
+
+def _effective_parameters(module: torch.nn.Module) -> int:
+    """Parameters not held at zero by a pruning mask."""
+    total = 0
+    for name, parameter in module.named_parameters():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        mask = (
+            getattr(owner, leaf.replace("_orig", "_mask"), None) if leaf.endswith("_orig") else None
+        )
+        total += int(mask.sum()) if isinstance(mask, Tensor) else parameter.numel()
+    return total

@@ -1,0 +1,242 @@
+"""Importance criteria for a unit's channels, behind one interface.
+
+Every scorer returns one number per channel of a unit, higher meaning more important,
+so the callback prunes the lowest under the same schedule whatever the criterion: the
+Shapley value (the default) and the usual baselines, L1 filter norm, BatchNorm
+``|gamma|``, first-order Taylor and random. Channels already pruned score NaN.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from lightning_shapley.functional import shapley_values
+from lightning_shapley.game import Batch, scoring_mode
+from lightning_shapley.value_functions import ValueSetting
+
+
+class Unit(Protocol):
+    """What a scorer needs of a prunable unit (see :mod:`lightning_shapley.units`)."""
+
+    name: str
+    producers: tuple[str, ...]
+    batchnorms: tuple[str, ...]
+    n_channels: int
+
+
+@dataclass(frozen=True)
+class ChannelScores:
+    """Scores of a unit's channels.
+
+    Attributes:
+        values: float64 ``[n_channels]``, higher is more important; NaN where pruned.
+        stderr: float64 ``[n_channels]``, the standard error of each score (0 for
+            deterministic criteria).
+        evaluations: coalition evaluations spent (Shapley only).
+        seconds: wall-clock time spent scoring.
+    """
+
+    values: Tensor
+    stderr: Tensor
+    evaluations: int
+    seconds: float
+
+
+class Scorer(ABC):
+    """Scores the channels of one unit on the scoring batches."""
+
+    name: str
+
+    @abstractmethod
+    def score(
+        self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
+    ) -> ChannelScores:
+        """Scores of ``unit``'s channels; ``pruned`` (bool ``[n_channels]``) score NaN."""
+
+    def check(self, unit: Unit) -> None:  # noqa: B027 (a hook: most scorers take any unit)
+        """Raises ``ValueError`` if this scorer cannot score ``unit`` (checked before training)."""
+
+
+class CriterionScorer(Scorer):
+    """A scorer whose criterion is one deterministic number per channel."""
+
+    @abstractmethod
+    def _values(self, model: nn.Module, unit: Unit, batches: Sequence[Batch]) -> Tensor:
+        """One float per channel, higher is more important."""
+
+    def score(
+        self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
+    ) -> ChannelScores:
+        """The criterion's values, NaN where ``pruned``, with zero standard errors."""
+        start = time.perf_counter()
+        values = self._values(model, unit, batches).detach().to("cpu", torch.float64)
+        values = values.masked_fill(pruned.cpu(), float("nan"))
+        stderr = torch.zeros_like(values).masked_fill(pruned.cpu(), float("nan"))
+        return ChannelScores(values, stderr, 0, time.perf_counter() - start)
+
+
+class ShapleyScorer(Scorer):
+    """Shapley values of the unit's channels (see :func:`~lightning_shapley.shapley_values`).
+
+    Args:
+        value: the coalition value, ``"loss"`` (default), ``"accuracy"``, a Metric or a
+            callable.
+        weighting: ``"shapley"``, ``"banzhaf"`` or ``"band"``.
+        depth: the band's depth.
+        method: the estimator, ``"surrogate"`` by default.
+        num_permutations: the sampling budget (the sampling methods only).
+        seed: seed of the sampling (the sampling methods only).
+        **options: further estimator options, e.g. ``bottom_k`` for ``"adaptive"``.
+    """
+
+    name = "shapley"
+
+    def __init__(
+        self,
+        value: ValueSetting = "loss",
+        weighting: str = "shapley",
+        depth: int | None = None,
+        method: str = "surrogate",
+        num_permutations: int = 32,
+        seed: int = 0,
+        **options: object,
+    ) -> None:
+        self.value, self.weighting, self.depth, self.method = value, weighting, depth, method
+        # Exact enumeration takes no budget and draws nothing at random.
+        sampling = {} if method == "exact" else {"num_permutations": num_permutations, "seed": seed}
+        self.options = sampling | options
+
+    def score(
+        self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
+    ) -> ChannelScores:
+        """Shapley values with their standard errors and the evaluations spent."""
+        self.check(unit)
+        estimate = shapley_values(
+            model,
+            unit.name,
+            batches,
+            value=self.value,
+            weighting=self.weighting,
+            depth=self.depth,
+            method=self.method,
+            pruned=pruned,
+            **self.options,
+        )
+        return ChannelScores(
+            estimate.values, estimate.stderr, estimate.evaluations, estimate.seconds
+        )
+
+    def check(self, unit: Unit) -> None:
+        """The game masks one layer's output: units of several producers are not scored yet."""
+        if len(unit.producers) > 1:
+            raise ValueError(
+                f"scorer='shapley' cannot score unit {unit.name!r} yet: its channels are "
+                f"produced by {unit.producers} together (a residual add or a depthwise "
+                "convolution); leave it out with layers= or use another scorer"
+            )
+
+
+class L1Scorer(CriterionScorer):
+    """L1 norm of each channel's filter, summed over the unit's producers (Li et al., 2017)."""
+
+    name = "l1"
+
+    def _values(self, model: nn.Module, unit: Unit, batches: Sequence[Batch]) -> Tensor:
+        weights = [model.get_submodule(name).weight for name in unit.producers]
+        return sum(w.detach().abs().reshape(len(w), -1).sum(1) for w in weights)
+
+
+class BatchNormScorer(CriterionScorer):
+    """``|gamma|`` of the BatchNorm scaling each channel (Liu et al., 2017, network slimming)."""
+
+    name = "bn_gamma"
+
+    def check(self, unit: Unit) -> None:
+        """Only units with a BatchNorm have a ``gamma``."""
+        if not unit.batchnorms:
+            raise ValueError(
+                f"scorer='bn_gamma' needs a BatchNorm after unit {unit.name!r}, which has none; "
+                "use 'shapley', 'l1', 'taylor' or 'random' for it"
+            )
+
+    def _values(self, model: nn.Module, unit: Unit, batches: Sequence[Batch]) -> Tensor:
+        self.check(unit)
+        return sum(model.get_submodule(name).weight.detach().abs() for name in unit.batchnorms)
+
+
+class TaylorScorer(CriterionScorer):
+    """First-order Taylor importance: ``|activation x gradient|`` of the loss, per channel.
+
+    The activation is the unit's output after its BatchNorm, averaged over the scoring
+    batches (Molchanov et al., 2017). Gradients are taken with respect to the activation
+    only, so no parameter's ``.grad`` is touched.
+    """
+
+    name = "taylor"
+
+    def _values(self, model: nn.Module, unit: Unit, batches: Sequence[Batch]) -> Tensor:
+        site = model.get_submodule(unit.batchnorms[0] if unit.batchnorms else unit.name)
+        captured: list[Tensor] = []
+
+        def capture(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
+            leaf = output.detach().requires_grad_()
+            captured.append(leaf)
+            return leaf
+
+        total = torch.zeros(unit.n_channels, dtype=torch.float64)
+        handle = site.register_forward_hook(capture)
+        try:
+            with scoring_mode(model), torch.enable_grad():
+                for inputs, targets in batches:
+                    captured.clear()
+                    loss = F.cross_entropy(model(inputs), targets)
+                    (gradient,) = torch.autograd.grad(loss, captured[0])
+                    contribution = (captured[0] * gradient).detach()
+                    dims = [d for d in range(contribution.ndim) if d != 1]
+                    total += contribution.abs().sum(dims).double().cpu()
+        finally:
+            handle.remove()
+        return total / sum(len(targets) for _, targets in batches)
+
+
+class RandomScorer(CriterionScorer):
+    """Uniform random scores: the baseline any criterion must beat."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _values(self, model: nn.Module, unit: Unit, batches: Sequence[Batch]) -> Tensor:
+        return torch.rand(unit.n_channels, generator=self._generator, dtype=torch.float64)
+
+
+SCORERS: dict[str, type[Scorer]] = {
+    scorer.name: scorer
+    for scorer in (ShapleyScorer, L1Scorer, BatchNormScorer, TaylorScorer, RandomScorer)
+}
+
+
+def resolve_scorer(scorer: str | Scorer, *, seed: int = 0, **shapley_options: object) -> Scorer:
+    """The scorer for a setting: a name from :data:`SCORERS` or a :class:`Scorer`.
+
+    ``seed`` seeds the Shapley sampling and the random scorer; ``shapley_options``
+    configure the Shapley scorer (see :class:`ShapleyScorer`).
+    """
+    if isinstance(scorer, Scorer):
+        return scorer
+    if scorer not in SCORERS:
+        raise ValueError(
+            f"scorer={scorer!r} is not known; use one of {tuple(SCORERS)} or a Scorer instance"
+        )
+    if scorer == "shapley":
+        return ShapleyScorer(seed=seed, **shapley_options)
+    return RandomScorer(seed) if scorer == "random" else SCORERS[scorer]()

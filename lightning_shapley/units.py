@@ -1,0 +1,362 @@
+"""Prunable units: output channels that must be pruned together, in any graph.
+
+A unit is the set of layers a channel cuts through: the convolutions or linear layers that
+produce it (several when a residual add joins their outputs), the BatchNorms that normalize
+it, and the layers that read it as an input channel. torch-pruning's ``DependencyGraph``
+finds this coupling by tracing the model through autograd, so it follows residual adds,
+flattens and functional code alike.
+
+Rules, in the order they apply to each coupled group:
+
+* **The output layer is never a unit.** A group is left out when one of its layers (or a
+  channel-wise operation such as an add or a final BatchNorm) *produces* a tensor the model
+  returns: then its channels are the model's output, and pruning one would change the
+  output's shape. Reading a group's channels is fine: the output layer is a *consumer* of
+  the last hidden unit, and a residual stream that only feeds the head is a unit. A
+  residual stream that is itself returned is not.
+* **Only layers a unit has a role for.** Producers are ``Conv1d/2d/3d`` with ``groups=1``
+  and ``Linear``; a depthwise convolution (``groups == in_channels == out_channels``)
+  counts as a producer too, since each of its output channels is one of the unit's
+  channels. BatchNorms are ``BatchNorm1d/2d/3d``; consumers are ``Conv1d/2d/3d`` with
+  ``groups=1`` and ``Linear``. A group coupled to anything else is skipped with a warning:
+  grouped convolutions (removing one channel leaves unequal groups), transposed
+  convolutions, LayerNorm and GroupNorm (they normalize across channels, so zeroing a
+  channel is not removing it), PReLU, InstanceNorm, embeddings, recurrent or attention
+  layers, and bare ``nn.Parameter`` tensors used outside a module.
+* **Only index maps a unit can state.** Producers and BatchNorms hold exactly the unit's
+  channels, index for index. A consumer reads them either one to one or flattened
+  channel-major: ``in_features = n_channels * k`` and channel ``c`` is inputs
+  ``c*k .. c*k + k - 1`` (a ``Flatten`` before a linear head). A group that reaches a
+  consumer through a concatenation, split or channels-last reshape is skipped: the unit
+  has no field for such a map.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Every layer whose output channels torch-pruning can take as the root of a group.
+_ROOTS = (*_CONVS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+_OUTPUT = "the output layer"
+
+
+@dataclass(frozen=True)
+class PrunableUnit:
+    """Output channels that must be pruned together.
+
+    Attributes:
+        name: qualified name of the unit's first producer in registration order; the
+            unit's identity, and the layer a channel game is played on.
+        producers: the ``Conv1d/2d/3d`` or ``Linear`` modules whose output channels these
+            are, in registration order; several when a residual add joins their outputs
+            (a depthwise convolution on these channels is a producer too).
+        batchnorms: the ``BatchNorm1d/2d/3d`` modules that normalize these channels.
+        consumers: the modules that read these channels as input channels. A consumer's
+            input is either these channels one to one, or flattened channel-major:
+            ``in_features == n_channels * k``, channel ``c`` being inputs
+            ``c*k .. c*k + k - 1``.
+        n_channels: the number of channels.
+    """
+
+    name: str
+    producers: tuple[str, ...]
+    batchnorms: tuple[str, ...]
+    consumers: tuple[str, ...]
+    n_channels: int
+
+
+def find_units(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    layers: Sequence[str] | None = None,
+) -> list[PrunableUnit]:
+    """The prunable units of ``model``: every Conv/Linear output and what is coupled to it.
+
+    torch-pruning traces a deep copy of the model in eval mode with gradients on (it
+    follows autograd), so the model is left exactly as it was: parameters, buffers,
+    train/eval flags, ``requires_grad`` and hooks. The copy's forward hooks do run once.
+    The module docstring states which groups become units and which are left out.
+
+    Args:
+        model: any ``nn.Module``.
+        example_inputs: a batch the model's forward takes, or a tuple of its positional
+            arguments; only shapes matter.
+        layers: names of producers; only the units that contain them are returned, in
+            this order, each once. ``None`` (the default) returns every unit, in the
+            registration order of their first producers.
+
+    Returns:
+        The units, as :class:`PrunableUnit`.
+
+    Raises:
+        ValueError: if torch-pruning cannot trace the model, or a name in ``layers`` is not
+            a producer of a unit (unknown, the output layer, or coupled to layers a unit
+            has no role for).
+
+    Example:
+        >>> from lightning_shapley.models import DigitsCNN
+        >>> units = find_units(DigitsCNN(), torch.zeros(2, 1, 8, 8))
+        >>> [unit.name for unit in units]
+        ['features.0', 'features.3', 'features.7']
+        >>> units[1]
+        PrunableUnit(name='features.3', producers=('features.3',), batchnorms=('features.4',), consumers=('features.7',), n_channels=32)
+    """  # noqa: E501 (a doctest's output line)
+    if isinstance(layers, str):
+        raise ValueError(
+            f"layers={layers!r} is a string; give a sequence of module names, e.g. [{layers!r}]"
+        )
+    graph = _DependencyGraph(model, example_inputs)
+    units, rejected = graph.units()
+    if layers is None:
+        skipped = {name: why for name, why in rejected.items() if why != _OUTPUT}
+        if skipped:
+            details = "; ".join(f"{name!r}: {why}" for name, why in skipped.items())
+            warnings.warn(
+                f"find_units skipped channels that cannot be pruned as a unit: {details}",
+                stacklevel=2,
+            )
+        return units
+    return _select(units, rejected, list(layers), type(model).__name__)
+
+
+class _DependencyGraph:
+    """torch-pruning's dependency graph of a deep copy of a model, read as units."""
+
+    def __init__(self, model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> None:
+        args = _checked_inputs(example_inputs)
+        self.model = _replica(model)
+        self.names = {module: name for name, module in self.model.named_modules()}
+        self.order = {name: index for index, name in enumerate(self.names.values())}
+        outputs: list[Tensor] = []
+
+        def forward(module: nn.Module, inputs: tuple[Tensor, ...]) -> object:
+            # Called with the tuple as given: torch-pruning's default would also try
+            # ``model(*batch)``, splitting a batch into samples.
+            out = module(*inputs)
+            outputs.extend(_differentiable_outputs(out))
+            return out
+
+        try:
+            with torch.enable_grad():
+                self.graph = tp.DependencyGraph().build_dependency(
+                    self.model, args, forward_fn=forward, verbose=False
+                )
+        except Exception as error:
+            raise ValueError(
+                f"torch-pruning could not trace {type(model).__name__} on example_inputs, so "
+                f"its prunable units are unknown ({type(error).__name__}: {error})"
+            ) from error
+        grad_fns = {output.grad_fn for output in outputs}
+        self.output_nodes = {
+            node for node in self.graph.module2node.values() if node.grad_fn in grad_fns
+        }
+
+    def units(self) -> tuple[list[PrunableUnit], dict[str, str]]:
+        """The units, and why each producer outside them is not a unit."""
+        units: list[PrunableUnit] = []
+        rejected: dict[str, str] = {}
+        visited: set[nn.Module] = set()
+        for module in self.names:
+            if (
+                not isinstance(module, _ROOTS)
+                or module not in self.graph.module2node  # not called by the forward
+                or module in visited
+            ):
+                continue
+            pruner = self.graph.get_pruner_of_module(module)
+            n_channels = pruner.get_out_channels(module)
+            group = self.graph.get_pruning_group(
+                module, pruner.prune_out_channels, list(range(n_channels))
+            )
+            producers = {
+                item.dep.target.module
+                for item in group
+                if self.graph.is_out_channel_pruning_fn(item.dep.handler)
+            }
+            # One unit per group: its other producers root no group of their own. A producer
+            # can still be in a second group through a partial index map (a concatenation
+            # added to a wider tensor), but such groups are never units (_index_problem).
+            visited |= producers
+            unit = self._unit(group, n_channels)
+            if isinstance(unit, PrunableUnit):
+                units.append(unit)
+            else:
+                for producer in producers:
+                    if isinstance(producer, _ROOTS) and producer in self.names:
+                        rejected[self.names[producer]] = unit
+        units.sort(key=lambda unit: self.order[unit.name])
+        return units, dict(sorted(rejected.items(), key=lambda item: self.order[item[0]]))
+
+    def _unit(self, group: tp.dependency.Group, n_channels: int) -> PrunableUnit | str:
+        """The unit of one pruning group, or why the group is not one."""
+        roles: dict[str, set[str]] = {"producer": set(), "batchnorm": set(), "consumer": set()}
+        for item in group:
+            node, handler = item.dep.target, item.dep.handler
+            if node in self.output_nodes and self.graph.is_out_channel_pruning_fn(handler):
+                return _OUTPUT
+            module = node.module
+            if isinstance(module, nn.Parameter):
+                return (
+                    f"an nn.Parameter of shape {tuple(module.shape)} used outside a module "
+                    "is coupled to its channels"
+                )
+            if module not in self.names:
+                continue  # an operation without parameters: add, ReLU, flatten, concat, ...
+            name = self.names[module]
+            role = self._role(module, self.graph.is_out_channel_pruning_fn(handler))
+            if role is None:
+                return _no_role(name, module)
+            pairs = list(zip(item.idxs, item.root_idxs, strict=True))
+            problem = _index_problem(name, module, role, pairs, n_channels)
+            if problem:
+                return problem
+            roles[role].add(name)
+        producers, batchnorms, consumers = (
+            tuple(sorted(roles[role], key=self.order.__getitem__))
+            for role in ("producer", "batchnorm", "consumer")
+        )
+        return PrunableUnit(producers[0], producers, batchnorms, consumers, n_channels)
+
+    @staticmethod
+    def _role(module: nn.Module, prunes_output: bool) -> str | None:
+        if isinstance(module, _BATCHNORMS):
+            return "batchnorm"
+        if _is_depthwise(module):
+            return "producer"
+        if isinstance(module, nn.Linear) or (isinstance(module, _CONVS) and module.groups == 1):
+            return "producer" if prunes_output else "consumer"
+        return None
+
+
+def _checked_inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list | tuple) and all(
+        isinstance(value, Tensor) for value in example_inputs
+    ):
+        return tuple(example_inputs)
+    raise ValueError(
+        f"example_inputs is a {type(example_inputs).__name__}; give a Tensor the model's "
+        "forward takes, or a tuple of Tensors (its positional arguments)"
+    )
+
+
+def _replica(model: nn.Module) -> nn.Module:
+    """A deep copy to trace: tracing switches it to eval mode and runs a forward pass."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model is a {type(model).__name__}; find_units needs an nn.Module")
+    # torch.nn.utils.prune (and weight_norm) keep the effective weight as a plain attribute
+    # computed from parameters; after a forward with gradients it is a non-leaf tensor,
+    # which deepcopy refuses. The copy gets a detached clone (its hooks recompute it).
+    memo = {
+        id(value): value.detach().clone()
+        for module in model.modules()
+        for value in (*vars(module).values(), *module._buffers.values())
+        if isinstance(value, Tensor) and value.grad_fn is not None
+    }
+    try:
+        replica = copy.deepcopy(model, memo)
+    except Exception as error:
+        raise ValueError(
+            f"find_units traces a deep copy of {type(model).__name__}, and copying it failed "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    # Tracing follows autograd: a layer with frozen parameters would drop out of the graph.
+    for parameter in replica.parameters():
+        if parameter.is_floating_point() or parameter.is_complex():
+            parameter.requires_grad_(True)
+    return replica
+
+
+def _differentiable_outputs(out: object) -> list[Tensor]:
+    tensors = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, Tensor)]
+    differentiable = [t for t in tensors if t.grad_fn is not None]
+    if not differentiable:
+        raise ValueError(
+            "no output of the model is computed from its parameters through autograd (an "
+            "argmax, a detached tensor or a non-tensor result), and torch-pruning traces the "
+            "autograd graph back from the outputs"
+        )
+    return differentiable
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, _CONVS)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def _no_role(name: str, module: nn.Module) -> str:
+    kind = type(module).__name__
+    if isinstance(module, _CONVS):
+        return (
+            f"{name!r} is a grouped {kind} (groups={module.groups}), and removing one of its "
+            "channels would leave unequal groups"
+        )
+    return (
+        f"coupled to {name!r} ({kind}), but a unit holds only Conv1d/2d/3d, Linear and "
+        "BatchNorm1d/2d/3d layers"
+    )
+
+
+def _index_problem(
+    name: str, module: nn.Module, role: str, pairs: list[tuple[int, int]], n_channels: int
+) -> str | None:
+    """Why a layer does not see the unit's channels in a way the unit can state, if so.
+
+    ``pairs`` holds (index in the layer, channel of the unit) for each coupled index.
+    """
+    if role == "consumer":
+        size = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+        k = size // n_channels
+        if size % n_channels == 0 and sorted(pairs) == [(i, i // k) for i in range(size)]:
+            return None
+        return (
+            f"{name!r} reads its {n_channels} channels among {size} inputs through a "
+            "concatenation, split or reshape that a unit cannot state"
+        )
+    size = module.num_features if isinstance(module, _BATCHNORMS) else _out_channels(module)
+    if size == n_channels and sorted(pairs) == [(i, i) for i in range(size)]:
+        return None
+    return f"{name!r} holds {size} channels coupled to {n_channels} in a different order"
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _select(
+    units: list[PrunableUnit], rejected: dict[str, str], layers: list[str], model_name: str
+) -> list[PrunableUnit]:
+    """The units that contain the named producers, in the given order, each once."""
+    by_producer = {producer: unit for unit in units for producer in unit.producers}
+    errors = []
+    for layer in layers:
+        if layer in by_producer:
+            continue
+        if rejected.get(layer) == _OUTPUT:
+            errors.append(
+                f"layers: {layer!r} produces the model's output channels; the output layer "
+                "cannot be pruned"
+            )
+        elif layer in rejected:
+            errors.append(f"layers: {layer!r} cannot be pruned: {rejected[layer]}")
+        else:
+            errors.append(
+                f"layers: {layer!r} is not a producer of a prunable unit of {model_name}; "
+                f"valid names: {list(by_producer)}"
+            )
+    if errors:
+        raise ValueError("; ".join(errors))
+    return list(dict.fromkeys(by_producer[layer] for layer in layers))
