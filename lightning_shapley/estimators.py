@@ -200,8 +200,6 @@ class _Walks:
 
     @classmethod
     def concatenate(cls, parts: list[_Walks]) -> _Walks:
-        if not parts:
-            return cls(torch.empty(0, 0, dtype=torch.long), torch.empty(0, 1), torch.empty(0, 0))
         return cls(
             torch.cat([part.orders for part in parts]),
             torch.cat([part.worth for part in parts]),
@@ -515,13 +513,14 @@ def surrogate(
         generator=generator,
         max_evaluations=max_evaluations,
     )
-    walks = _Walks.concatenate([block for block, _ in blocks])
-    pairs = len(walks.orders) // 2
+    parts = [walks for walks, _ in blocks]
+    pairs = sum(len(walks.orders) for walks in parts) // 2
     if pairs < 4:
         raise ValueError(
             f"method='surrogate' needs at least 8 orderings (4 antithetic pairs, two per "
             f"half) but the budget gives {2 * pairs}; raise num_permutations or max_evaluations"
         )
+    walks = _Walks.concatenate(parts)
     everyone = torch.ones(n_players, dtype=torch.bool)
     half = (torch.arange(2 * pairs) // 2) % 2  # whole pairs go to one half
     estimates, variances = [], []
