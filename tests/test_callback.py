@@ -16,11 +16,14 @@ from lightning_shapley.callback import ShapleyPruning
 from lightning_shapley.data import DigitsDataModule
 from lightning_shapley.masking import prune_channels, pruned_channels
 from lightning_shapley.models import DigitsCNN, ImageClassifier
+from lightning_shapley.scorers import ChannelScores, ShapleyScorer
 from lightning_shapley.units import find_units
 
 CHANNELS = (16, 16, 32)
 UNITS = {"net.features.0": "net.features.1", "net.features.3": "net.features.4"}
 UNITS |= {"net.features.7": "net.features.8"}
+# Two CPU processes over gloo: cheap DDP coverage on any machine.
+DDP = {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": 2}
 
 
 def make_module(seed: int = 0) -> ImageClassifier:
@@ -53,25 +56,117 @@ def zero_rows(module: torch.nn.Module, name: str) -> torch.Tensor:
     return weight.reshape(len(weight), -1).abs().sum(1) == 0
 
 
+# --------------------------------------------------------------------------- processes
+
+
+class RecordingScorer(ShapleyScorer):
+    """The Shapley scorer, keeping each process's own scores before they are combined."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.local: list[dict] = []
+
+    def score(self, model, unit, batches, pruned) -> ChannelScores:
+        scores = super().score(model, unit, batches, pruned)
+        targets = torch.cat([y for _, y in batches])
+        self.local.append({"unit": unit.name, "scores": scores, "targets": targets})
+        return scores
+
+
+class SaveRankState(Callback):
+    """Writes what each process ends fit with to ``directory / f"rank_{global_rank}.pt"``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: lightning.Trainer, pl_module) -> None:
+        pruning = next(c for c in trainer.callbacks if isinstance(c, ShapleyPruning))
+        state = {
+            "masks": {unit.name: pruned_channels(pl_module, unit) for unit in pruning.units},
+            "history": pruning.history,
+            "local": pruning.scorer.local,
+        }
+        torch.save(state, self.directory / f"rank_{trainer.global_rank}.pt")
+
+
+def rank_states(directory: Path) -> list[dict]:
+    files = sorted(directory.glob("rank_*.pt"))
+    return [torch.load(file, weights_only=False) for file in files]
+
+
+def as_tensor(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
-def test_pruning_on_schedule_keeps_channels_zero_through_fine_tuning(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [pytest.param(1, id="single"), pytest.param(2, id="ddp")])
+def test_pruning_on_schedule_keeps_channels_zero_through_fine_tuning(
+    tmp_path: Path, processes: int
+) -> None:
     module = make_module()
-    pruning = ShapleyPruning(amount=0.5, epochs=[1, 2, 3], num_permutations=8)
-    trainer = make_trainer(tmp_path, max_epochs=5, callbacks=[pruning], enable_checkpointing=False)
+    scorer = RecordingScorer(num_permutations=8)
+    pruning = ShapleyPruning(amount=0.5, epochs=[1, 2, 3], scorer=scorer)
+    callbacks = [pruning, SaveRankState(tmp_path)]
+    options = DDP if processes > 1 else {}
+    trainer = make_trainer(tmp_path, 5, callbacks, enable_checkpointing=False, **options)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
 
-    assert [step["epoch"] for step in pruning.history] == [1, 2, 3]
-    for unit in pruning.units:
-        pruned = pruned_channels(module, unit)
-        assert int(pruned.sum()) == unit.n_channels // 2
-        # Zero in every coupled parameter after two more epochs of fine-tuning.
-        producer = module.get_submodule(unit.name)
-        assert torch.equal(zero_rows(module, unit.name), pruned)
-        if producer.bias is not None:
-            assert (producer.bias[pruned] == 0).all()
-        batchnorm = module.get_submodule(UNITS[unit.name])
+    states = rank_states(tmp_path)
+    assert len(states) == processes
+    first = states[0]
+    # Every process ends with the same masks and the same history.
+    for other in states[1:]:
+        assert first["masks"].keys() == other["masks"].keys()
+        for name, mask in first["masks"].items():
+            assert torch.equal(other["masks"][name], mask)
+        for ours, theirs in zip(first["history"], other["history"], strict=True):
+            assert ours.keys() == theirs.keys()
+            for key in ours:
+                if key in ("values", "stderr"):
+                    for name, values in ours[key].items():
+                        torch.testing.assert_close(
+                            as_tensor(theirs[key][name]), as_tensor(values), equal_nan=True
+                        )
+                else:
+                    assert theirs[key] == ours[key]
+    assert [step["epoch"] for step in first["history"]] == [1, 2, 3]
+    assert {name: int(mask.sum()) for name, mask in first["masks"].items()} == {
+        name: n // 2 for name, n in zip(UNITS, CHANNELS, strict=True)
+    }
+
+    # Each process scored its own share of the 200 validation samples, all of them together.
+    scored = [s["local"][0]["targets"] for s in states]
+    assert sum(len(t) for t in scored) == 200
+    if processes > 1:
+        assert not torch.equal(scored[0][:64], scored[1][:64])
+    # The scores used are the sample-weighted means of the processes' own, NaN where pruned.
+    masks_before = {
+        name: torch.zeros(n, dtype=torch.bool) for name, n in zip(UNITS, CHANNELS, strict=True)
+    }
+    for index, step in enumerate(first["history"]):
+        for position, name in enumerate(UNITS):
+            calls = [s["local"][index * len(UNITS) + position] for s in states]
+            assert {call["unit"] for call in calls} == {name}
+            weights = torch.tensor([len(call["targets"]) for call in calls], dtype=torch.float64)
+            for key in ("values", "stderr"):
+                local = torch.stack([getattr(call["scores"], key) for call in calls])
+                expected = (local * weights[:, None]).sum(0) / weights.sum()
+                torch.testing.assert_close(as_tensor(step[key][name]), expected, equal_nan=True)
+            assert torch.equal(as_tensor(step["values"][name]).isnan(), masks_before[name])
+        assert step["evaluations"] == sum(
+            call["scores"].evaluations
+            for s in states
+            for call in s["local"][index * len(UNITS) : (index + 1) * len(UNITS)]
+        )
+        masks_before = {name: torch.tensor(mask) for name, mask in step["masks"].items()}
+
+    # The model in this process holds the pruned weights, zero through two more epochs of
+    # fine-tuning (with ddp_spawn, baked in by the callback when fit ended).
+    for name, pruned in first["masks"].items():
+        assert torch.equal(zero_rows(module, name), pruned)
+        batchnorm = module.get_submodule(UNITS[name])
         assert (batchnorm.weight[pruned] == 0).all() and (batchnorm.bias[pruned] == 0).all()
         assert (batchnorm.weight[~pruned] != 0).all()
 
@@ -79,11 +174,11 @@ def test_pruning_on_schedule_keeps_channels_zero_through_fine_tuning(tmp_path: P
     targets = [float(row["pruning/target_sparsity"]) for row in rows]
     # The cubic ramp to 0.5 over three steps.
     assert targets == pytest.approx([0.5 * (1 - (1 - k / 3) ** 3) for k in (1, 2, 3)])
-    for row in rows:
-        for key in ("pruning/accuracy_before", "pruning/accuracy_after", "pruning/parameters"):
-            assert row[key] != ""
+    for row, step in zip(rows, first["history"], strict=True):
+        for key in ("accuracy_before", "accuracy_after", "value_after", "evaluations"):
+            assert float(row[f"pruning/{key}"]) == pytest.approx(step[key], rel=1e-6)
+        assert float(row["pruning/parameters"]) == step["parameters"]
         assert float(row["pruning/scoring_seconds"]) > 0
-        assert float(row["pruning/evaluations"]) > 0
         assert float(row["pruning/sparsity/net.features.3"]) <= 0.5
     assert float(rows[-1]["pruning/sparsity"]) == pytest.approx(
         sum(n // 2 for n in CHANNELS) / sum(CHANNELS)
