@@ -6,14 +6,19 @@ zeroed. Two engines do this in batches of ``k`` coalitions; both stack the coali
 shaped ``[k, B, ...]``.
 
 - :class:`SplitForward` traces the model with ``torch.fx`` and cuts the graph where the
-  mask applies: everything upstream runs once per batch and is cached, only the
-  downstream part runs per coalition. When the masked activation reaches a convolution or
-  linear layer through channel-wise, zero-preserving operations only (ReLU, pooling,
-  dropout, flatten), the mask is folded into that layer's weights instead: the ``k``
-  coalitions become one layer with ``k`` times the output channels on the cached input,
-  a single large matrix product.
+  masks apply: everything upstream of every mask point runs once per batch and is cached,
+  only the downstream part runs per coalition. When the masked activation reaches a
+  convolution or linear layer through channel-wise, zero-preserving operations only
+  (ReLU, pooling, dropout, flatten), the mask is folded into that layer's weights
+  instead: the ``k`` coalitions become one layer with ``k`` times the output channels on
+  the cached input, a single large matrix product.
 - :class:`FullForward` works for any model: it replays the whole model on the batch
-  repeated ``k`` times, with a forward hook that zeroes the channels.
+  repeated ``k`` times, with forward hooks that zero the channels.
+
+The channels may be masked at several modules at once (the mask points), when several
+layers produce one set of channels: convolutions joined by a residual add, or an expand
+convolution and the depthwise convolution after it. Every mask point zeroes the same
+channels; a mask point downstream of another one is masked again where it is computed.
 """
 
 from __future__ import annotations
@@ -70,27 +75,44 @@ def _mask_view(masks: Tensor, ndim: int, channel_dim: int) -> Tensor:
     return masks.reshape(shape)
 
 
+def _mask_stacked(output: Tensor, masks: Tensor, channel_dim: int) -> Tensor:
+    """Zeroes channels of a sample-major stack: row ``b * k + j`` keeps the channels of mask ``j``.
+
+    ``masks`` is ``[k, C]``; ``output`` is ``[B * k, ...]`` with ``C`` channels at ``channel_dim``.
+    """
+    stacked = output.reshape(-1, len(masks), *output.shape[1:])
+    masked = stacked * _mask_view(masks.to(output.dtype), output.ndim, channel_dim)
+    return masked.reshape(output.shape)
+
+
 def _to_coalition_major(output: Tensor, batch_size: int, k: int) -> Tensor:
     return output.reshape(batch_size, k, *output.shape[1:]).transpose(0, 1)
 
 
 class FullForward:
-    """Runs the whole model per coalition, zeroing channels with a forward hook.
+    """Runs the whole model per coalition, zeroing channels with forward hooks.
 
     Args:
         model: the model, in the mode and grad state the caller set.
-        mask_module: the module whose output channels are masked.
-        channel_dim: the channel dimension of that output.
+        mask_modules: the module whose output channels are masked, or several modules
+            whose outputs carry the same channels; each is masked alike.
+        channel_dim: the channel dimension of those outputs.
         inputs: one input tensor per scoring batch.
     """
 
     name = "full"
 
     def __init__(
-        self, model: nn.Module, mask_module: nn.Module, channel_dim: int, inputs: Sequence[Tensor]
+        self,
+        model: nn.Module,
+        mask_modules: nn.Module | Sequence[nn.Module],
+        channel_dim: int,
+        inputs: Sequence[Tensor],
     ) -> None:
         self._model = model
-        self._mask_module = mask_module
+        if isinstance(mask_modules, nn.Module):
+            mask_modules = [mask_modules]
+        self._mask_modules = list(dict.fromkeys(mask_modules))
         self._channel_dim = channel_dim
         self._inputs = list(inputs)
 
@@ -105,15 +127,14 @@ class FullForward:
         k = len(masks)
 
         def zero_channels(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
-            stacked = output.reshape(len(inputs), k, *output.shape[1:])
-            masked = stacked * _mask_view(masks.to(output.dtype), output.ndim, self._channel_dim)
-            return masked.reshape(output.shape)
+            return _mask_stacked(output, masks, self._channel_dim)
 
-        handle = self._mask_module.register_forward_hook(zero_channels)
+        handles = [module.register_forward_hook(zero_channels) for module in self._mask_modules]
         try:
             output = self._model(inputs.repeat_interleave(k, 0))
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return _to_coalition_major(output, len(inputs), k)
 
 
@@ -234,117 +255,152 @@ class _FoldedHead:
 
 
 class SplitForward:
-    """Caches everything upstream of the masked module; runs only the downstream part.
+    """Caches everything upstream of the mask points; runs only the downstream part.
+
+    A mask point that no other mask point precedes is a cut: its output is cached
+    unmasked and multiplied by the ``k`` masks when the coalitions run. A mask point
+    downstream of another one is computed per coalition anyway, so the masks are applied
+    right after it inside the downstream graph. Folding the mask into the next layer
+    needs a single mask point.
 
     Args:
         model: the model; it is traced with ``torch.fx.symbolic_trace``.
-        mask_name: qualified name of the module whose output channels are masked.
-        channel_dim: the channel dimension of that output.
+        mask_names: qualified name of the module whose output channels are masked, or the
+            names of several modules whose outputs carry the same channels.
+        channel_dim: the channel dimension of those outputs.
         n_channels: the number of channels there.
         inputs: one input tensor per scoring batch.
         fold: fold the mask into the next convolution or linear layer where possible;
             :attr:`name` says whether it was (``"split+fold"``) or not (``"split"``).
 
     Raises:
-        UnsplittableModelError: the model cannot be traced, calls the module more than
-            once, or passes values across the cut that are not batch-shaped tensors.
+        UnsplittableModelError: the model cannot be traced, calls a masked module more
+            than once, or passes values across the cut that are not batch-shaped tensors.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        mask_name: str,
+        mask_names: str | Sequence[str],
         channel_dim: int,
         n_channels: int,
         inputs: Sequence[Tensor],
         fold: bool = True,
     ) -> None:
         self._n_channels = n_channels
+        self._channel_dim = channel_dim
+        names = [mask_names] if isinstance(mask_names, str) else list(dict.fromkeys(mask_names))
         try:
             gm = fx.symbolic_trace(model)
         except Exception as error:  # tracing fails in many ways on dynamic code
             raise UnsplittableModelError(f"torch.fx cannot trace the model: {error}") from error
-        mask_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == mask_name]
-        if len(mask_nodes) != 1:
-            raise UnsplittableModelError(
-                f"the traced graph calls {mask_name!r} {len(mask_nodes)} times, not once"
-            )
+        mask_nodes = [_called_once(gm, name) for name in names]
         if sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
             raise UnsplittableModelError("the model's forward takes more than one input")
-        (mask_node,) = mask_nodes
-        target = _fold_target(gm, mask_node) if fold and channel_dim == 1 else None
+        single = len(mask_nodes) == 1
+        target = _fold_target(gm, mask_nodes[0]) if fold and single and channel_dim == 1 else None
         head: _FoldedHead | _MultiplyHead | None = None
         if target is not None:
             consumer, layer = target
-            self._cut(gm, consumer, consumer.args[0], inputs)
+            self._cut(gm, [consumer], [consumer.args[0]], [], inputs)
             head = self._folded_head(layer)
         if head is None:
-            self._cut(gm, mask_node, mask_node, inputs)
+            after_a_mask = set().union(*(_descendants(node) for node in mask_nodes))
+            cuts = [node for node in mask_nodes if node not in after_a_mask]
+            inside = [node for node in mask_nodes if node in after_a_mask]
+            self._cut(gm, cuts, cuts, inside, inputs)
             head = _MultiplyHead(channel_dim)
         self._head = head
         self.name = "split" if isinstance(head, _MultiplyHead) else "split+fold"
 
     def _cut(
-        self, gm: fx.GraphModule, split_node: fx.Node, head_input: fx.Node, inputs: Sequence[Tensor]
+        self,
+        gm: fx.GraphModule,
+        split_nodes: list[fx.Node],
+        head_inputs: list[fx.Node],
+        inside: list[fx.Node],
+        inputs: Sequence[Tensor],
     ) -> None:
-        """Splits the graph at ``split_node`` and caches the upstream values of every batch."""
-        self._build(gm, split_node, head_input)
+        """Splits the graph at ``split_nodes`` and caches the upstream values of every batch."""
+        self._build(gm, split_nodes, head_inputs, inside)
         self._cache = [self._cached(x) for x in inputs]
 
-    def _build(self, gm: fx.GraphModule, split_node: fx.Node, head_input: fx.Node) -> None:
+    def _build(
+        self,
+        gm: fx.GraphModule,
+        split_nodes: list[fx.Node],
+        head_inputs: list[fx.Node],
+        inside: list[fx.Node],
+    ) -> None:
+        """The prefix (upstream, cached) and suffix (per coalition) graphs.
+
+        The suffix takes one placeholder per split node (the head's output standing for
+        it), one per cached value that crosses the cut, then the ``[k, C]`` masks, which
+        it multiplies into the output of every node in ``inside`` right after computing it.
+        """
         graph = gm.graph
-        downstream = _descendants(split_node)
+        splits, heads, remasked = set(split_nodes), set(head_inputs), set(inside)
+        downstream = set().union(*(_descendants(node) for node in split_nodes))
         if not any(node.op == "output" for node in downstream):
-            raise UnsplittableModelError(f"the model's output does not depend on {split_node}")
+            cut = ", ".join(str(node) for node in split_nodes)
+            raise UnsplittableModelError(f"the model's output does not depend on {cut}")
         boundary = list(
             dict.fromkeys(
                 arg
                 for node in graph.nodes
                 if node in downstream
                 for arg in node.all_input_nodes
-                if arg not in downstream and arg is not split_node
+                if arg not in downstream and arg not in splits
             )
         )
         batch_dependent = _batch_dependent(graph)
         self._repeat = [node in batch_dependent for node in boundary]
 
-        # The split node itself is cached when it is the head's input (the masked
-        # activation); a folded consumer is not, the head replaces it.
+        # A split node is cached when it is a head's input (a masked activation); a folded
+        # consumer is not, the head replaces it.
         upstream = [
             node
             for node in graph.nodes
             if node not in downstream
             and node.op != "output"
-            and (node is not split_node or node is head_input)
+            and (node not in splits or node in heads)
         ]
         prefix, env = fx.Graph(), {}
         for node in upstream:
             env[node] = prefix.node_copy(node, env.__getitem__)
-        prefix.output(tuple(env[node] for node in [head_input, *boundary]))
+        prefix.output(tuple(env[node] for node in [*head_inputs, *boundary]))
         self._prefix = fx.GraphModule(gm, prefix)
 
         suffix, env = fx.Graph(), {}
-        env[split_node] = suffix.placeholder("masked")
+        for index, node in enumerate(split_nodes):
+            env[node] = suffix.placeholder(f"masked_{index}")
         for index, node in enumerate(boundary):
             env[node] = suffix.placeholder(f"cached_{index}")
+        masks = suffix.placeholder("masks")
         for node in graph.nodes:
             if node in downstream:
                 env[node] = suffix.node_copy(node, env.__getitem__)
+                if node in remasked:
+                    env[node] = suffix.call_function(
+                        _mask_stacked, (env[node], masks, self._channel_dim)
+                    )
         self._suffix = fx.GraphModule(gm, suffix)
 
-    def _cached(self, inputs: Tensor) -> tuple[Tensor, list[object]]:
-        head_input, *boundary = self._prefix(inputs)
+    def _cached(self, inputs: Tensor) -> tuple[list[Tensor], list[object]]:
+        values = self._prefix(inputs)
+        n_heads = len(values) - len(self._repeat)
+        head_inputs, boundary = list(values[:n_heads]), list(values[n_heads:])
         for value, repeat in zip(boundary, self._repeat, strict=True):
             if repeat and not (isinstance(value, Tensor) and value.shape[:1] == inputs.shape[:1]):
                 raise UnsplittableModelError(
                     "a value crossing the cut depends on the batch but is not a tensor with "
                     f"the batch as its first dimension: {type(value).__name__}"
                 )
-        return head_input, boundary
+        return head_inputs, boundary
 
     def _folded_head(self, layer: nn.Module) -> _FoldedHead | None:
         """The head that folds the mask into ``layer``, if its cached input maps to channels."""
-        head_input = self._cache[0][0]
+        (head_input,) = self._cache[0][0]
         if isinstance(layer, _FOLDABLE_CONVS):
             return _FoldedHead(layer, 1) if head_input.shape[1] == self._n_channels else None
         per_channel, remainder = divmod(head_input.shape[-1], self._n_channels)
@@ -352,20 +408,31 @@ class SplitForward:
 
     def bytes_per_coalition(self) -> int:
         """Activation bytes of the downstream part for one coalition on the largest batch."""
-        largest = max(range(len(self._cache)), key=lambda b: len(self._cache[b][0]))
-        probe = torch.ones(1, self._n_channels, device=self._cache[largest][0].device)
+        largest = max(range(len(self._cache)), key=lambda b: len(self._cache[b][0][0]))
+        probe = torch.ones(1, self._n_channels, device=self._cache[largest][0][0].device)
         return activation_bytes(self._suffix, lambda: self(probe, largest))
 
     def __call__(self, masks: Tensor, batch: int) -> Tensor:
         """Logits ``[k, B, ...]`` of batch ``batch`` under each of the ``k`` channel masks."""
-        head_input, boundary = self._cache[batch]
+        head_inputs, boundary = self._cache[batch]
         k = len(masks)
         cached = [
             value.repeat_interleave(k, 0) if repeat else value
             for value, repeat in zip(boundary, self._repeat, strict=True)
         ]
-        output = self._suffix(self._head(head_input, masks), *cached)
-        return _to_coalition_major(output, len(head_input), k)
+        heads = [self._head(head_input, masks) for head_input in head_inputs]
+        output = self._suffix(*heads, *cached, masks)
+        return _to_coalition_major(output, len(head_inputs[0]), k)
+
+
+def _called_once(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The one node of the traced graph that calls the module ``name``."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    if len(nodes) != 1:
+        raise UnsplittableModelError(
+            f"the traced graph calls {name!r} {len(nodes)} times, not once"
+        )
+    return nodes[0]
 
 
 def _descendants(node: fx.Node) -> set[fx.Node]:

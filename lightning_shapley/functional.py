@@ -1,4 +1,4 @@
-"""``shapley_values``: the values of one layer's channels, no trainer needed."""
+"""``shapley_values``: the values of one layer's (or one unit's) channels, no trainer needed."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ METHODS: dict[str, Callable[..., ShapleyEstimate]] = {
 
 def shapley_values(
     model: nn.Module,
-    layer: str,
+    layer: str | Sequence[str],
     batches: Sequence[Batch],
     *,
     value: ValueSetting = "loss",
@@ -42,13 +42,15 @@ def shapley_values(
 
     Args:
         model: the model; it is left exactly as found.
-        layer: qualified name of the module whose output channels are valued.
+        layer: qualified name of the module whose output channels are valued, or the
+            names of several modules whose outputs are one and the same set of channels
+            (a unit's producers and BatchNorms): each channel is zeroed at all of them.
         batches: list of ``(inputs, targets)`` scoring batches.
         value: ``"loss"``, ``"accuracy"``, a torchmetrics ``Metric`` or ``fn(logits, targets)``.
         weighting: ``"shapley"`` (the classic value), ``"banzhaf"`` or ``"band"``.
         depth: the band's depth ``r``, with ``weighting="band"``.
         method: ``"exact"``, ``"permutation"``, ``"surrogate"``, ``"tmc"`` or ``"adaptive"``.
-        channel_dim: the channel dimension of the layer's output.
+        channel_dim: the channel dimension of the layers' outputs.
         pruned: boolean ``[C]`` of channels already pruned (kept out of every coalition).
         engine: how coalitions are evaluated, see :class:`~lightning_shapley.game.ChannelGame`.
         **estimator_options: passed to the estimator, e.g. ``num_permutations``,

@@ -6,6 +6,11 @@ coalition is the model's performance on a fixed list of scoring batches when the
 outside it output exactly zero, measured in eval mode without gradients. When a BatchNorm
 directly follows the module, the zeros are applied after it, so its shift cannot leak
 through: that is what structured pruning of the channel does.
+
+Several modules may produce one set of channels (a prunable unit of ``units.py``:
+convolutions joined by a residual add, an expand and a depthwise convolution). The game
+then takes all their names, and a channel outside the coalition is zeroed at every one of
+them, as ``masking.prune_channels`` zeroes it in every producer and BatchNorm of the unit.
 """
 
 from __future__ import annotations
@@ -54,27 +59,35 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
 
 
 class ChannelGame:
-    """The game whose players are the output channels of one layer.
+    """The game whose players are the output channels of one layer (or of layers sharing them).
 
     Args:
         model: any ``nn.Module`` whose forward takes one input tensor and returns logits.
-        layer: qualified name of the module whose output channels are the players.
+        layer: qualified name of the module whose output channels are the players; or a
+            sequence of names of modules whose outputs are one and the same set of
+            channels (the producers and BatchNorms of a unit), each zeroed alike.
         batches: the scoring data, a list of ``(inputs, targets)`` pairs; it is moved to
             the model's device once.
         value: ``"loss"`` (negative mean cross-entropy, the default), ``"accuracy"``, a
             torchmetrics ``Metric`` or a callable ``fn(logits, targets) -> float``.
-        channel_dim: the channel dimension of the layer's output (1 for ``[B, C, ...]``).
+        channel_dim: the channel dimension of the layers' outputs (1 for ``[B, C, ...]``).
         pruned: channels that are already pruned and stay out of every coalition, as a
             boolean ``[C]`` tensor; channels whose ``weight_mask`` (``torch.nn.utils.prune``)
-            rows are all zero are added to it.
+            rows are all zero in every layer that has such a mask are added to it.
         engine: how coalitions are evaluated. ``"split"`` caches what lies upstream of
-            the mask (``torch.fx``) and runs only the rest per coalition; ``"split+fold"``
-            also folds the mask into the next convolution or linear layer, so a batch of
-            coalitions is one large matrix product; ``"full"`` replays the whole model per
-            coalition. ``"auto"`` (the default) takes the first of these the model allows.
+            the masks (``torch.fx``) and runs only the rest per coalition; ``"split+fold"``
+            also folds the mask into the next convolution or linear layer (a single mask
+            point only), so a batch of coalitions is one large matrix product; ``"full"``
+            replays the whole model per coalition. ``"auto"`` (the default) takes the first
+            of these the model allows.
         memory_budget: activation bytes one batch of coalitions may take; defaults by
             device (:data:`DEFAULT_MEMORY_BUDGET`).
         coalitions_per_forward: fix the number of coalitions per forward pass instead.
+
+    Each layer has a mask point: the layer itself, or the BatchNorm that follows it (so
+    that its shift cannot leak); both when the layer's output also goes elsewhere (a
+    residual stream read by a BatchNorm and by a skip). :attr:`mask_module_names` lists
+    them; :attr:`mask_module_name` is the one name when there is a single mask point.
 
     Calling the game with a boolean ``[m, n_players]`` tensor returns the ``[m]`` values
     (float64); it is the value function the estimators take. The model must not change
@@ -92,7 +105,7 @@ class ChannelGame:
     def __init__(
         self,
         model: nn.Module,
-        layer: str,
+        layer: str | Sequence[str],
         batches: Sequence[Batch],
         *,
         value: ValueSetting = "loss",
@@ -102,7 +115,13 @@ class ChannelGame:
         memory_budget: int | None = None,
         coalitions_per_forward: int | None = None,
     ) -> None:
-        module = _find_layer(model, layer)
+        names = tuple(layer) if isinstance(layer, list | tuple) else (layer,)
+        if not names:
+            raise ValueError(
+                f"layer={layer!r} names no module; give a module name or a non-empty "
+                "sequence of module names"
+            )
+        modules = [_find_layer(model, name) for name in names]
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not known; use one of {ENGINES}")
         for name, setting in (
@@ -117,21 +136,17 @@ class ChannelGame:
         if self.device.type == "cpu":
             retain_freed_memory()
         self.model = model
-        self.layer = layer
+        self.layer = layer if isinstance(layer, str) else names
+        found = dict(zip(names, modules, strict=True))  # each name once, in order
+        self.layers: tuple[str, ...] = tuple(found)
+        modules = list(found.values())
         self._value_fn = resolve_value(value)
         inputs, self._targets = _checked_batches(batches, self.device)
         with scoring_mode(model):
-            shape, follower = _probe(model, module, inputs[0])
-            self.channel_dim = _checked_channel_dim(channel_dim, shape, layer)
-            self.n_channels = shape[self.channel_dim]
-            if follower is not None and (
-                self.channel_dim != 1 or follower.num_features != self.n_channels
-            ):
-                follower = None
-            self.mask_module_name = layer if follower is None else _name_of(model, follower)
+            self._find_mask_points(modules, channel_dim, inputs[0])
             self._forward = self._make_engine(engine, inputs)
             per_coalition = self._forward.bytes_per_coalition()
-        self.players = _players(module, self.n_channels, pruned)
+        self.players = _players(modules, self.n_channels, pruned)
         budget = memory_budget or DEFAULT_MEMORY_BUDGET.get(
             self.device.type, DEFAULT_MEMORY_BUDGET["cuda"]
         )
@@ -148,12 +163,49 @@ class ChannelGame:
                 )
             self.coalitions_per_forward = 1
 
+    def _find_mask_points(self, modules: list[nn.Module], channel_dim: int, inputs: Tensor) -> None:
+        """Sets ``channel_dim``, ``n_channels`` and ``mask_module_names`` from probe passes."""
+        dims, sizes, points = {}, {}, []
+        for name, module in zip(self.layers, modules, strict=True):
+            shape, follower = _probe(self.model, module, inputs)
+            dims[name] = _checked_channel_dim(channel_dim, shape, name)
+            sizes[name] = shape[dims[name]]
+            if follower is not None and (dims[name] != 1 or follower.num_features != sizes[name]):
+                follower = None
+            if follower is None or _leaks_past(self.model, module, follower, inputs):
+                points.append(name)
+            if follower is not None:
+                points.append(_name_of(self.model, follower))
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"layer={self.layer!r} names modules with different numbers of channels "
+                f"({sizes}); they must all output one and the same set of channels"
+            )
+        if len(set(dims.values())) > 1:
+            raise ValueError(
+                f"channel_dim={channel_dim} is a different dimension of each layer's output "
+                f"({dims}); give it counted from the front (1 for [batch, channels, ...])"
+            )
+        self.channel_dim = dims[self.layers[0]]
+        self.n_channels = sizes[self.layers[0]]
+        self.mask_module_names: tuple[str, ...] = tuple(dict.fromkeys(points))
+
+    @property
+    def mask_module_name(self) -> str:
+        """The module whose output is masked, when there is one (else see ``mask_module_names``)."""
+        if len(self.mask_module_names) != 1:
+            raise AttributeError(
+                f"this game masks the outputs of {len(self.mask_module_names)} modules, "
+                f"{self.mask_module_names}; read mask_module_names"
+            )
+        return self.mask_module_names[0]
+
     def _make_engine(self, engine: str, inputs: list[Tensor]) -> SplitForward | FullForward:
         if engine != "full":
             try:
                 split = SplitForward(
                     self.model,
-                    self.mask_module_name,
+                    self.mask_module_names,
                     self.channel_dim,
                     self.n_channels,
                     inputs,
@@ -164,13 +216,21 @@ class ChannelGame:
                     raise
             else:
                 if engine == "split+fold" and split.name != engine:
-                    raise UnsplittableModelError(
-                        "engine='split+fold': no convolution or linear layer follows "
-                        f"{self.mask_module_name!r} through channel-wise operations only"
-                    )
+                    raise UnsplittableModelError(f"engine='split+fold': {self._why_not_folded()}")
                 return split
-        mask_module = self.model.get_submodule(self.mask_module_name)
-        return FullForward(self.model, mask_module, self.channel_dim, inputs)
+        mask_modules = [self.model.get_submodule(name) for name in self.mask_module_names]
+        return FullForward(self.model, mask_modules, self.channel_dim, inputs)
+
+    def _why_not_folded(self) -> str:
+        if len(self.mask_module_names) > 1:
+            return (
+                f"the channels are masked at {len(self.mask_module_names)} modules, "
+                f"{self.mask_module_names}, and only a single mask point can be folded"
+            )
+        return (
+            f"no convolution or linear layer follows {self.mask_module_name!r} through "
+            "channel-wise operations only"
+        )
 
     @property
     def engine(self) -> str:
@@ -293,6 +353,30 @@ def _probe(
     return output.shape, seen.get("follower")
 
 
+def _leaks_past(model: nn.Module, module: nn.Module, follower: nn.Module, inputs: Tensor) -> bool:
+    """Whether ``module``'s output reaches the model's output other than through ``follower``.
+
+    Masking after the BatchNorm that follows a layer is pruning the channel only when that
+    BatchNorm is the sole way on for the layer's output; a pre-activation residual stream
+    is read by a BatchNorm and by the skip, so its producer must be masked too. With every
+    channel zeroed after the follower, also zeroing the layer's output changes the model's
+    output exactly when it goes elsewhere.
+    """
+
+    def zero(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor:
+        return torch.zeros_like(output)
+
+    outputs = []
+    for sites in ((follower,), (module, follower)):
+        handles = [site.register_forward_hook(zero) for site in sites]
+        try:
+            outputs.append(model(inputs))
+        finally:
+            for handle in handles:
+                handle.remove()
+    return not torch.equal(*outputs)
+
+
 def _tensors_of(output: object) -> list[Tensor]:
     return [output] if isinstance(output, Tensor) else []
 
@@ -313,7 +397,8 @@ def _checked_channel_dim(channel_dim: int, shape: torch.Size, layer: str) -> int
     return channel_dim % ndim
 
 
-def _players(module: nn.Module, n_channels: int, pruned: Tensor | None) -> Tensor:
+def _players(modules: Sequence[nn.Module], n_channels: int, pruned: Tensor | None) -> Tensor:
+    """The channels not pruned: neither in ``pruned`` nor zeroed by every layer's weight mask."""
     out = torch.zeros(n_channels, dtype=torch.bool)
     if pruned is not None:
         pruned = torch.as_tensor(pruned, dtype=torch.bool).cpu()
@@ -323,9 +408,14 @@ def _players(module: nn.Module, n_channels: int, pruned: Tensor | None) -> Tenso
                 f"shape ({n_channels},), one entry per channel"
             )
         out |= pruned
-    mask = getattr(module, "weight_mask", None)
-    if isinstance(mask, Tensor) and mask.shape[0] == n_channels:
-        out |= mask.detach().reshape(n_channels, -1).eq(0).all(1).cpu()
+    # As in masking.pruned_channels: pruned where every mask there is zeroes the channel.
+    zero_rows = [
+        mask.detach().reshape(n_channels, -1).eq(0).all(1).cpu()
+        for mask in (getattr(module, "weight_mask", None) for module in modules)
+        if isinstance(mask, Tensor) and mask.shape[0] == n_channels
+    ]
+    if zero_rows:
+        out |= torch.stack(zero_rows).all(0)
     players = (~out).nonzero().flatten()
     if len(players) == 0:
         raise ValueError("every channel of the layer is pruned; a game needs at least one player")

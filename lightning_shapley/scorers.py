@@ -86,6 +86,10 @@ class CriterionScorer(Scorer):
 class ShapleyScorer(Scorer):
     """Shapley values of the unit's channels (see :func:`~lightning_shapley.shapley_values`).
 
+    The game zeroes a channel outside the coalition at every producer and BatchNorm of the
+    unit, as pruning it does, so units whose channels several layers produce (a residual
+    add, an expand and a depthwise convolution) are scored like any other.
+
     Args:
         value: the coalition value, ``"loss"`` (default), ``"accuracy"``, a Metric or a
             callable.
@@ -118,10 +122,9 @@ class ShapleyScorer(Scorer):
         self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
     ) -> ChannelScores:
         """Shapley values with their standard errors and the evaluations spent."""
-        self.check(unit)
         estimate = shapley_values(
             model,
-            unit.name,
+            (*unit.producers, *unit.batchnorms),
             batches,
             value=self.value,
             weighting=self.weighting,
@@ -133,15 +136,6 @@ class ShapleyScorer(Scorer):
         return ChannelScores(
             estimate.values, estimate.stderr, estimate.evaluations, estimate.seconds
         )
-
-    def check(self, unit: Unit) -> None:
-        """The game masks one layer's output: units of several producers are not scored yet."""
-        if len(unit.producers) > 1:
-            raise ValueError(
-                f"scorer='shapley' cannot score unit {unit.name!r} yet: its channels are "
-                f"produced by {unit.producers} together (a residual add or a depthwise "
-                "convolution); leave it out with layers= or use another scorer"
-            )
 
 
 class L1Scorer(CriterionScorer):

@@ -2,11 +2,19 @@
 
 Their BatchNorm statistics and affine parameters are randomized, so that a BatchNorm shift
 leaking through a masked channel, or a wrong channel being zeroed, changes the logits.
+At the end, :func:`pruned_values` is the reference a game must equal: the metric of the
+model pruned by ``masking.py``.
 """
+
+import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
+from torch import Tensor, nn
+
+from lightning_shapley.masking import prune_channels
+from lightning_shapley.units import PrunableUnit
 
 
 def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -104,3 +112,133 @@ class LSTMNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(x.flatten(1, 2))
         return self.head(out[:, -1])
+
+
+class ProjectionNet(nn.Module):
+    """A stem, then ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` with a 1x1 shortcut.
+
+    The block's output is one unit of two producers, ``block.conv2`` and ``block.shortcut.0``,
+    neither downstream of the other.
+    """
+
+    def __init__(self, c_in: int = 4, c_out: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, c_in, 3, padding=1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU()
+        )
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out)
+        )
+        self.head = nn.Linear(c_out, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return self.head(out.mean((2, 3)))
+
+
+class InvertedResidualNet(nn.Module):
+    """A stem and a MobileNetV2 block: expand 1x1, depthwise 3x3, project 1x1, identity skip.
+
+    Two units have two producers: the expanded channels (``expand`` and ``depthwise``, the
+    second downstream of the first) and the residual stream (``stem.0`` and ``project``).
+    """
+
+    def __init__(self, channels: int = 4, expanded: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU6()
+        )
+        self.expand = nn.Conv2d(channels, expanded, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(expanded)
+        self.depthwise = nn.Conv2d(expanded, expanded, 3, padding=1, groups=expanded, bias=False)
+        self.bn2 = nn.BatchNorm2d(expanded)
+        self.project = nn.Conv2d(expanded, channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        out = F.relu6(self.bn1(self.expand(x)))
+        out = F.relu6(self.bn2(self.depthwise(out)))
+        out = self.bn3(self.project(out)) + x
+        return self.head(out.mean((2, 3)))
+
+
+class PreActResidualNet(nn.Module):
+    """A pre-activation residual block: ``x + conv2(relu(bn2(conv1(relu(bn1(x))))))``.
+
+    The stem's output goes both into ``bn1`` and along the skip, so masking after that
+    BatchNorm alone would not zero it; the stream's last BatchNorm follows the add.
+    """
+
+    def __init__(self, channels: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn_out = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = x + self.conv2(F.relu(self.bn2(out)))
+        return self.head(F.relu(self.bn_out(out)).mean((2, 3)))
+
+
+# --------------------------------------------------------------------------- the pruned model
+
+
+def pruned_copy(model: nn.Module, unit: PrunableUnit, pruned: Tensor) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with the channels ``pruned`` of ``unit`` pruned.
+
+    ``masking.prune_channels`` keeps at least one channel, so with every channel pruned
+    (the empty coalition) the same parameters are zeroed by hand: the producers' weights
+    and biases, the BatchNorms' weights and biases. The copy is taken before pruning: a
+    pruned model holds a computed ``weight`` that ``copy.deepcopy`` refuses.
+    """
+    replica = copy.deepcopy(model).eval()
+    if bool(pruned.all()):
+        with torch.no_grad():
+            for name in (*unit.producers, *unit.batchnorms):
+                module = replica.get_submodule(name)
+                for parameter in (module.weight, module.bias):
+                    if parameter is not None:
+                        parameter.zero_()
+    else:
+        prune_channels(replica, unit, pruned)
+    return replica
+
+
+def negative_cross_entropy(logits: Tensor, targets: Tensor) -> float:
+    return -F.cross_entropy(logits.float(), targets).item()
+
+
+def pruned_values(
+    model: nn.Module,
+    unit: PrunableUnit,
+    batches: list[tuple[Tensor, Tensor]],
+    coalitions: Tensor,
+    value: Callable[[Tensor, Tensor], float] = negative_cross_entropy,
+) -> Tensor:
+    """Values of boolean ``[m, n_channels]`` coalitions: the metric of the pruned model.
+
+    For each coalition, a copy of the model with the unit's channels outside it pruned by
+    ``masking.prune_channels`` runs every batch once.
+    """
+    targets = torch.cat([y for _, y in batches])
+    values = []
+    for coalition in torch.as_tensor(coalitions, dtype=torch.bool):
+        replica = pruned_copy(model, unit, ~coalition)
+        with torch.no_grad():
+            logits = torch.cat([replica(x) for x, _ in batches])
+        values.append(value(logits, targets))
+    return torch.tensor(values, dtype=torch.float64)

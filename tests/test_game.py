@@ -15,10 +15,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from models_for_tests import (
     DataDependentCNN,
+    InvertedResidualNet,
     LSTMNet,
+    PreActResidualNet,
+    ProjectionNet,
     ResidualNet,
     flatten_head_cnn,
     mlp,
+    pruned_values,
     randomize_batchnorms,
 )
 from torch import Tensor, nn
@@ -29,7 +33,9 @@ from torchmetrics.classification import MulticlassF1Score
 from lightning_shapley import ChannelGame, shapley_values
 from lightning_shapley.coalition_forward import UnsplittableModelError
 from lightning_shapley.estimators import exact
+from lightning_shapley.masking import prune_channels, pruned_channels
 from lightning_shapley.models import DigitsCNN
+from lightning_shapley.units import PrunableUnit, find_units
 from lightning_shapley.value_functions import accuracy, negative_loss
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -642,3 +648,166 @@ def test_batchnorm_after_relu_is_masked_after_too(score_batches, engine):
     coalitions = random_coalitions(game.n_players, seed=6)
     expected = naive_values(model, "2", score_batches, coalitions)
     torch.testing.assert_close(game(coalitions), expected, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- 9. several producers
+
+# A unit whose channels several layers produce: (model, unit, the game's mask points when
+# given the unit's producers and BatchNorms, whether the producers alone are enough).
+_COUPLED = {
+    # stem.0 and block.conv2 meet in an identity skip; block.bn2 is downstream of stem.1.
+    "identity-skip": (ResidualNet, "stem.0", ("stem.1", "block.bn2"), True),
+    # conv2 and the 1x1 shortcut meet in an add; neither mask point precedes the other.
+    "projection-shortcut": (ProjectionNet, "conv2", ("bn2", "shortcut.1"), True),
+    # The depthwise convolution's output is downstream of the expand convolution's.
+    "expand-depthwise": (InvertedResidualNet, "expand", ("bn1", "bn2"), True),
+    "inverted-skip": (InvertedResidualNet, "stem.0", ("stem.1", "bn3"), True),
+    # The stem feeds bn1 and the skip, so it is masked as well as bn1; bn_out follows
+    # the add, so only the unit's BatchNorms name it.
+    "pre-activation": (PreActResidualNet, "stem", ("stem", "bn1", "conv2", "bn_out"), False),
+}
+
+
+def coupled_unit(factory: Callable[[], nn.Module], name: str, batches: Batches) -> tuple:
+    model = _seeded(factory)
+    (unit,) = find_units(model, batches[0][0][:4], [name])
+    assert len(unit.producers) == 2
+    return model, unit
+
+
+def unit_layers(unit: PrunableUnit, which: str) -> tuple[str, ...]:
+    return unit.producers if which == "producers" else (*unit.producers, *unit.batchnorms)
+
+
+COUPLED_CASES = [
+    pytest.param(factory, name, points, which, engine, id=f"{case}-{which}-{engine}")
+    for case, (factory, name, points, producers_suffice) in _COUPLED.items()
+    for which in ("producers", "producers+batchnorms")
+    if producers_suffice or which != "producers"
+    for engine in ("auto", "split", "full")
+]
+
+
+@pytest.mark.parametrize(("factory", "unit_name", "mask_points", "which", "engine"), COUPLED_CASES)
+def test_coupled_unit_values_equal_the_pruned_model(
+    score_batches, factory, unit_name, mask_points, which, engine
+):
+    model, unit = coupled_unit(factory, unit_name, score_batches)
+    game = ChannelGame(model, unit_layers(unit, which), score_batches, engine=engine)
+    assert game.engine == ("split" if engine == "auto" else engine)
+    if which != "producers":
+        assert game.mask_module_names == mask_points
+    assert game.n_players == game.n_channels == unit.n_channels
+    coalitions = random_coalitions(unit.n_channels, m=10, seed=8)
+    expected = pruned_values(model, unit, score_batches, coalitions)
+    values = game(coalitions)
+    torch.testing.assert_close(values, expected, atol=1e-5, rtol=0)
+    assert values.max() - values.min() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("factory", "unit_name"),
+    [
+        pytest.param(ResidualNet, "stem.0", id="identity-skip"),
+        pytest.param(InvertedResidualNet, "expand", id="expand-depthwise"),
+        pytest.param(PreActResidualNet, "stem", id="pre-activation"),
+    ],
+)
+def test_exact_values_of_a_coupled_unit_equal_enumeration_of_pruned_models(
+    score_batches, factory, unit_name
+):
+    model, unit = coupled_unit(factory, unit_name, score_batches)
+    n = unit.n_channels
+    assert n <= 8
+    reference = exact(lambda c: pruned_values(model, unit, score_batches, c), n)
+    layers = (*unit.producers, *unit.batchnorms)
+    estimate = shapley_values(model, layers, score_batches, method="exact")
+    assert estimate.evaluations == 2**n
+    torch.testing.assert_close(estimate.values, reference.values, atol=1e-5, rtol=0)
+    assert reference.values.abs().max() > 1e-3
+
+
+def test_a_layer_whose_output_passes_its_batchnorm_by_is_masked_too(score_batches):
+    # PreActResidualNet's stem feeds bn1 and the skip: masking after bn1 alone would let
+    # the stem's channels through the skip.
+    model = _seeded(PreActResidualNet)
+    game = ChannelGame(model, "stem", score_batches)
+    assert game.mask_module_names == ("stem", "bn1")
+    with pytest.raises(AttributeError, match=r"masks the outputs of 2 modules.*mask_module_names"):
+        _ = game.mask_module_name
+    # Where the layer's output goes only into its BatchNorm, the mask stays after it.
+    assert ChannelGame(model, "conv1", score_batches).mask_module_names == ("bn2",)
+
+
+def test_a_sequence_with_one_mask_point_plays_like_the_single_layer(trained_cnn, score_batches):
+    single = ChannelGame(trained_cnn, "features.3", score_batches)
+    both = ChannelGame(trained_cnn, ["features.3", "features.4", "features.3"], score_batches)
+    assert both.layers == ("features.3", "features.4")
+    assert both.mask_module_names == (single.mask_module_name,) == ("features.4",)
+    assert both.mask_module_name == "features.4"
+    assert both.engine == single.engine == "split+fold"
+    coalitions = random_coalitions(single.n_players, seed=9)
+    torch.testing.assert_close(both(coalitions), single(coalitions), atol=1e-6, rtol=0)
+
+
+def test_coupled_unit_with_pruned_channels(score_batches):
+    # Channels pruned by masking.py are not players: those every mask there zeroes, as
+    # masking.pruned_channels counts them (a prune.ln_structured on one producer too).
+    model, unit = coupled_unit(ResidualNet, "stem.0", score_batches)
+    already = torch.tensor([False, True, False, False, True, False])
+    masked = pruned_copy_for_game(model, unit, already)
+    game = ChannelGame(masked, unit.producers, score_batches)
+    assert torch.equal(game.players, torch.tensor([0, 2, 3, 5]))
+    coalitions = random_coalitions(game.n_players, m=8, seed=10)
+    full = torch.zeros(len(coalitions), unit.n_channels, dtype=torch.bool)
+    full[:, game.players] = coalitions
+    expected = pruned_values(model, unit, score_batches, full)
+    torch.testing.assert_close(game(coalitions), expected, atol=1e-5, rtol=0)
+
+    one_producer = copy.deepcopy(model)
+    prune.ln_structured(one_producer.block.conv2, "weight", amount=0.5, n=1, dim=0)
+    game = ChannelGame(one_producer, unit.producers, score_batches)
+    assert torch.equal(game.players, (~pruned_channels(one_producer, unit)).nonzero().flatten())
+    assert game.n_players == 3
+
+
+def pruned_copy_for_game(model: nn.Module, unit: PrunableUnit, pruned: Tensor) -> nn.Module:
+    replica = copy.deepcopy(model)
+    prune_channels(replica, unit, pruned)
+    return replica
+
+
+MULTI_ERRORS = [
+    pytest.param(
+        lambda m, b: ChannelGame(m, [], b), r"layer=\[\] names no module", id="empty-sequence"
+    ),
+    pytest.param(
+        lambda m, b: ChannelGame(m, ["stem.0", "nope"], b),
+        r"layer='nope' is not a module of ResidualNet",
+        id="unknown-layer",
+    ),
+    pytest.param(
+        lambda m, b: ChannelGame(m, ["stem.0", "head"], b),
+        r"different numbers of channels \(\{'stem.0': 6, 'head': 10\}\)",
+        id="channel-counts",
+    ),
+]
+
+
+@pytest.mark.parametrize(("trigger", "match"), MULTI_ERRORS)
+def test_bad_layer_sequences_raise_value_error(score_batches, trigger, match):
+    with pytest.raises(ValueError, match=match):
+        trigger(_seeded(ResidualNet), score_batches)
+
+
+def test_split_and_fold_needs_a_single_mask_point(score_batches):
+    model = _seeded(ResidualNet)
+    with pytest.raises(UnsplittableModelError, match="only a single mask point can be folded"):
+        ChannelGame(model, ["stem.0", "block.conv2"], score_batches, engine="split+fold")
+
+
+def test_coupled_unit_of_an_untraceable_model_falls_back_to_full(score_batches):
+    # fx cannot trace the forward; "auto" replays the whole model with a hook per mask point.
+    model = _seeded(DataDependentCNN)
+    game = ChannelGame(model, ["conv", "bn"], score_batches)
+    assert game.engine == "full" and game.mask_module_names == ("bn",)

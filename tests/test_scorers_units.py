@@ -1,0 +1,91 @@
+"""``ShapleyScorer`` on units whose channels several layers produce.
+
+The reference is the pruned model (``models_for_tests.pruned_values``): a coalition is
+worth the metric of a copy of the model with the unit's other channels pruned by
+``masking.prune_channels``, in every producer and BatchNorm of the unit.
+"""
+
+import copy
+
+import pytest
+import torch
+from models_for_tests import (
+    InvertedResidualNet,
+    PreActResidualNet,
+    ProjectionNet,
+    ResidualNet,
+    pruned_values,
+    randomize_batchnorms,
+)
+from torch import nn
+
+from lightning_shapley.estimators import exact
+from lightning_shapley.masking import prune_channels, pruned_channels
+from lightning_shapley.scorers import ShapleyScorer, resolve_scorer
+from lightning_shapley.units import PrunableUnit, find_units
+
+
+def coupled_unit(factory: type[nn.Module], name: str, batches: list) -> tuple:
+    torch.manual_seed(0)
+    model = randomize_batchnorms(factory())
+    (unit,) = find_units(model, batches[0][0][:4], [name])
+    assert len(unit.producers) == 2
+    return model, unit
+
+
+COUPLED = [
+    pytest.param(ResidualNet, "stem.0", id="identity-skip"),
+    pytest.param(ProjectionNet, "conv2", id="projection-shortcut"),
+    pytest.param(InvertedResidualNet, "expand", id="expand-depthwise"),
+    pytest.param(PreActResidualNet, "stem", id="pre-activation"),
+]
+
+
+@pytest.mark.parametrize(("factory", "name"), COUPLED)
+def test_shapley_scorer_checks_units_of_several_producers(score_batches, factory, name):
+    _, unit = coupled_unit(factory, name, score_batches)
+    resolve_scorer("shapley").check(unit)  # raises for a unit it cannot score
+
+
+@pytest.mark.parametrize(("factory", "name"), COUPLED)
+def test_exact_shapley_scores_equal_enumeration_of_pruned_models(score_batches, factory, name):
+    model, unit = coupled_unit(factory, name, score_batches)
+    n = unit.n_channels
+    reference = exact(lambda c: pruned_values(model, unit, score_batches, c), n)
+    pruned = torch.zeros(n, dtype=torch.bool)
+    scores = ShapleyScorer(method="exact").score(model, unit, score_batches, pruned)
+    assert scores.evaluations == 2**n
+    torch.testing.assert_close(scores.values, reference.values, atol=1e-5, rtol=0)
+    assert torch.equal(scores.stderr, torch.zeros(n, dtype=torch.float64))
+    assert reference.values.abs().max() > 1e-3
+
+
+def _pruned(model: nn.Module, unit: PrunableUnit, channels: list[int]) -> nn.Module:
+    replica = copy.deepcopy(model)  # before pruning: deepcopy refuses a pruned model
+    pruned = torch.zeros(unit.n_channels, dtype=torch.bool)
+    pruned[channels] = True
+    prune_channels(replica, unit, pruned)
+    return replica
+
+
+@pytest.mark.parametrize("pass_pruned", [True, False], ids=["pruned-given", "from-masks"])
+def test_channels_pruned_before_score_nan_and_stay_pruned(score_batches, pass_pruned):
+    model, unit = coupled_unit(InvertedResidualNet, "expand", score_batches)
+    masked = _pruned(model, unit, [1, 5])
+    already = pruned_channels(masked, unit)
+    assert already.nonzero().flatten().tolist() == [1, 5]
+    given = already if pass_pruned else torch.zeros_like(already)
+    scores = ShapleyScorer(method="exact").score(masked, unit, score_batches, given)
+    assert torch.equal(scores.values.isnan(), already)
+    assert scores.evaluations == 2**6
+
+    # The six survivors' game, every coalition through the original model pruned outside it.
+    survivors = (~already).nonzero().flatten()
+
+    def reference(coalitions: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(len(coalitions), unit.n_channels, dtype=torch.bool)
+        full[:, survivors] = coalitions
+        return pruned_values(model, unit, score_batches, full)
+
+    expected = exact(reference, len(survivors)).values
+    torch.testing.assert_close(scores.values[survivors], expected, atol=1e-5, rtol=0)
