@@ -19,8 +19,15 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_shapley.game import Batch, scoring_mode
-from lightning_shapley.masking import make_permanent, prune_channels, pruned_channels
-from lightning_shapley.schedule import make_schedule
+from lightning_shapley.masking import (
+    channel_state,
+    load_channel_state,
+    make_permanent,
+    prune_channels,
+    pruned_channels,
+    set_pruned_channels,
+)
+from lightning_shapley.schedule import Decision, PruningSchedule, make_schedule
 from lightning_shapley.scorers import ChannelScores, Scorer, resolve_scorer
 from lightning_shapley.units import PrunableUnit, find_units
 from lightning_shapley.value_functions import ValueSetting, accuracy, resolve_value
@@ -53,6 +60,23 @@ class ShapleyPruning(Callback):
     the main process receives the pruned weights; this callback's history stays in the
     spawned processes (the logged ``pruning/*`` metrics reach the logger as usual).
 
+    **Critical threshold.** With ``schedule=UntilDrop(step, tolerance)`` (see
+    :class:`~lightning_shapley.schedule.UntilDrop`) the sparsity rises by ``step`` at the
+    end of every epoch until the metric falls more than ``tolerance`` below the dense
+    model's; then the last step is rolled back and pruning stops. The metric is this
+    callback's own measurement of ``value`` on its scoring batches (higher is better:
+    the negative cross-entropy for ``"loss"``, so ``tolerance`` is in nats; a fraction
+    for ``"accuracy"``), not a metric the module logs: it exists whether or not
+    validation runs, agrees on every process, and is the quantity the scorers are asked
+    to keep high; pass ``score_dataloader`` to judge on data of its own. The dense metric
+    is measured once, just before the first step. A step is judged at the end of the
+    next epoch, after an epoch of fine-tuning, so a step in the last epoch stays unjudged.
+    Rolling back restores every unit's masks as they were before the step, and the
+    channels it pruned get back the weights and BatchNorm statistics they had then; the
+    history gains an entry with ``rolled_back=True`` and ``pruning/rolled_back`` is
+    logged as 1 (0 at every step). Any schedule with ``record(metric, dense_metric)``
+    answering a :class:`~lightning_shapley.schedule.Decision` is driven the same way.
+
     Args:
         amount: final fraction of channels removed, in ``[0, 1)``: in each unit, or over
             all units with ``scope="global"``.
@@ -78,10 +102,15 @@ class ShapleyPruning(Callback):
         batch_transform: turns a batch of the loader into ``(inputs, targets)``; by default
             its first two items.
         seed: seed of the Shapley sampling and of the random scorer.
+        schedule: a :class:`~lightning_shapley.schedule.PruningSchedule` used instead of
+            ``amount``, ``epochs`` and ``ramp`` (leave those at their defaults), e.g.
+            :class:`~lightning_shapley.schedule.UntilDrop` for the critical threshold.
 
     Example:
         >>> pruning = ShapleyPruning(amount=0.5, epochs=[2, 4, 6])
         >>> trainer = lightning.Trainer(max_epochs=10, callbacks=[pruning])  # doctest: +SKIP
+        >>> from lightning_shapley.schedule import UntilDrop
+        >>> pruning = ShapleyPruning(schedule=UntilDrop(step=0.1, tolerance=0.01), value="accuracy")
     """
 
     def __init__(
@@ -103,9 +132,15 @@ class ShapleyPruning(Callback):
         ramp: str = "cubic",
         batch_transform: BatchTransform | None = None,
         seed: int = 0,
+        schedule: PruningSchedule | None = None,
     ) -> None:
-        self.schedule = make_schedule(amount, epochs, ramp)
-        self.amount = amount
+        if schedule is None:
+            self.schedule: PruningSchedule = make_schedule(amount, epochs, ramp)
+            self.amount: float | None = amount
+        else:
+            _check_schedule(schedule, amount=amount, epochs=epochs, ramp=ramp)
+            self.schedule = schedule
+            self.amount = getattr(schedule, "amount", None)  # None: no final amount known
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r} is not known; use one of {SCOPES}")
         if score_source not in SCORE_SOURCES:
@@ -136,6 +171,11 @@ class ShapleyPruning(Callback):
         self.history: list[dict[str, Any]] = []
         self._batches: list[Batch] = []
         self._pending_masks: dict[str, list[bool]] | None = None
+        #: The scoring value of the dense model, measured just before the first step.
+        self.dense_metric: float | None = None
+        # The last step, while a schedule that judges steps has not judged it yet: the
+        # masks before it, the channels it pruned and their state then, the target before.
+        self._unjudged: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -151,8 +191,9 @@ class ShapleyPruning(Callback):
         self.units = find_units(pl_module, self._batches[0][0], self.layers)
         for unit in self.units:
             self.scorer.check(unit)
-            # A global ranking decides per unit later; it can always keep min_channels.
-            amount = self.amount if self.scope == "layer" else 0.0
+            # A global ranking decides per unit later; it can always keep min_channels. A
+            # schedule with no final amount (a search) is capped at min_channels as it goes.
+            amount = self.amount if self.scope == "layer" and self.amount is not None else 0.0
             kept = unit.n_channels - self._channels_to_prune(unit.n_channels, amount)
             if kept < self.min_channels:
                 raise ValueError(
@@ -216,17 +257,31 @@ class ShapleyPruning(Callback):
     def on_train_epoch_end(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
-        """Prunes to the schedule's sparsity if this epoch has a step."""
+        """Judges the last step if the schedule does, then prunes if this epoch has a step."""
+        if self._unjudged is not None and not self.rolled_back:
+            self._judge(trainer, pl_module)
+        if self.rolled_back:
+            return  # rolling back ends the pruning, whatever the schedule says
         target = self.schedule.target(trainer.current_epoch)
         if target is not None:
             self._step(trainer, pl_module, target)
 
+    @property
+    def rolled_back(self) -> bool:
+        """Whether a step was rolled back (which ends the pruning)."""
+        return bool(self.history) and bool(self.history[-1].get("rolled_back", False))
+
+    def _device_batches(self, pl_module: lightning.LightningModule) -> list[Batch]:
+        device = pl_module.device
+        return [(x.to(device), y.to(device)) for x, y in self._batches]
+
     def _step(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, target: float
     ) -> None:
-        device = pl_module.device
-        batches = [(x.to(device), y.to(device)) for x, y in self._batches]
+        batches = self._device_batches(pl_module)
         before = self._measure(trainer, pl_module, batches)
+        if self.dense_metric is None:
+            self.dense_metric = before["value"]
         start = time.perf_counter()
         current = {unit.name: pruned_channels(pl_module, unit) for unit in self.units}
         scores = {
@@ -237,6 +292,16 @@ class ShapleyPruning(Callback):
         # Every process applies rank zero's plan: rounding can never make them disagree.
         plan = _from_rank_zero(trainer, self._plan(target, current, scores))
         seconds = _max_over_ranks(trainer, time.perf_counter() - start)
+        if _judges_steps(self.schedule):
+            self._unjudged = {
+                "masks": {name: pruned.tolist() for name, pruned in current.items()},
+                "pruned": {name: pruned.tolist() for name, pruned in plan.items()},
+                "state": {
+                    unit.name: channel_state(pl_module, unit, plan[unit.name])
+                    for unit in self.units
+                },
+                "target": self.history[-1]["target_sparsity"] if self.history else 0.0,
+            }
         for unit in self.units:
             if plan[unit.name].any():
                 prune_channels(pl_module, unit, current[unit.name] | plan[unit.name])
@@ -305,36 +370,91 @@ class ShapleyPruning(Callback):
         after: dict[str, float],
         seconds: float,
     ) -> None:
-        pruned = {unit.name: pruned_channels(pl_module, unit) for unit in self.units}
-        total = sum(unit.n_channels for unit in self.units)
-        removed = sum(int(p.sum()) for p in pruned.values())
         step = {
-            "epoch": trainer.current_epoch,
-            "target_sparsity": target,
-            "sparsity": removed / total,
-            "unit_sparsity": {name: float(p.double().mean()) for name, p in pruned.items()},
-            "parameters": _effective_parameters(pl_module),
+            **self._sparsity(trainer, pl_module, target),
+            "rolled_back": False,
             "value_before": before["value"],
             "value_after": after["value"],
             "accuracy_before": before["accuracy"],
             "accuracy_after": after["accuracy"],
             "scoring_seconds": seconds,
             "evaluations": sum(s.evaluations for s in scores.values()),
-            "masks": {name: p.tolist() for name, p in pruned.items()},
             "values": {name: s.values.tolist() for name, s in scores.items()},
             "stderr": {name: s.stderr.tolist() for name, s in scores.items()},
         }
-        self.history.append(step)
-        metrics = {f"pruning/{k}": float(v) for k, v in step.items() if not isinstance(v, dict)}
-        metrics |= {f"pruning/sparsity/{k}": v for k, v in step["unit_sparsity"].items()}
-        # The numbers agree on every process already; sync_dist keeps Lightning's epoch-level
-        # reduction consistent with that (and keeps them usable as a monitor on every rank).
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
+        self._append(pl_module, step)
         rank_zero_info(
             f"ShapleyPruning: epoch {step['epoch']}: sparsity {step['sparsity']:.3f} "
             f"(target {target:.3f}), scoring accuracy {before['accuracy']:.4f} -> "
             f"{after['accuracy']:.4f}, {step['evaluations']} evaluations in {seconds:.1f} s"
         )
+
+    def _judge(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        """Hands the schedule the metric after the last step and an epoch of fine-tuning."""
+        batches = self._device_batches(pl_module)
+        # A weighted mean over the processes: the same number, so the same decision, on each.
+        measured = self._measure(trainer, pl_module, batches)
+        decision = Decision(self.schedule.record(measured["value"], self.dense_metric))
+        metrics = {"pruning/metric": measured["value"], "pruning/dense_metric": self.dense_metric}
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
+        if decision is Decision.ROLL_BACK_AND_STOP:
+            self._roll_back(trainer, pl_module, measured, batches)
+        self._unjudged = None
+
+    def _roll_back(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        measured: dict[str, float],
+        batches: list[Batch],
+    ) -> None:
+        """Restores the masks before the last step, and its channels' weights and statistics."""
+        last = self._unjudged
+        for unit in self.units:
+            set_pruned_channels(pl_module, unit, _flags(last["masks"][unit.name]))
+            revived = _flags(last["pruned"][unit.name])
+            load_channel_state(pl_module, unit, revived, last["state"][unit.name])
+        after = self._measure(trainer, pl_module, batches)
+        entry = {
+            **self._sparsity(trainer, pl_module, last["target"]),
+            "rolled_back": True,
+            "dense_metric": self.dense_metric,
+            "value_before": measured["value"],
+            "value_after": after["value"],
+            "accuracy_before": measured["accuracy"],
+            "accuracy_after": after["accuracy"],
+        }
+        self._append(pl_module, entry)
+        rank_zero_info(
+            f"ShapleyPruning: epoch {entry['epoch']}: the metric fell to {measured['value']:.4f} "
+            f"from {self.dense_metric:.4f} dense; rolled back to sparsity "
+            f"{entry['sparsity']:.3f} (target {last['target']:.3f}) and stopped pruning"
+        )
+
+    def _sparsity(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, target: float
+    ) -> dict[str, Any]:
+        """Where the model stands now: sparsities, effective parameters and masks."""
+        pruned = {unit.name: pruned_channels(pl_module, unit) for unit in self.units}
+        total = sum(unit.n_channels for unit in self.units)
+        removed = sum(int(p.sum()) for p in pruned.values())
+        return {
+            "epoch": trainer.current_epoch,
+            "target_sparsity": target,
+            "sparsity": removed / total,
+            "unit_sparsity": {name: float(p.double().mean()) for name, p in pruned.items()},
+            "parameters": _effective_parameters(pl_module),
+            "masks": {name: p.tolist() for name, p in pruned.items()},
+        }
+
+    def _append(self, pl_module: lightning.LightningModule, entry: dict[str, Any]) -> None:
+        """Adds an entry to the history and logs its numbers as ``pruning/*``."""
+        self.history.append(entry)
+        metrics = {f"pruning/{k}": float(v) for k, v in entry.items() if not isinstance(v, dict)}
+        metrics |= {f"pruning/sparsity/{k}": v for k, v in entry["unit_sparsity"].items()}
+        # The numbers agree on every process already; sync_dist keeps Lightning's epoch-level
+        # reduction consistent with that (and keeps them usable as a monitor on every rank).
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     @override
     def teardown(
@@ -354,14 +474,25 @@ class ShapleyPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The step history (with the masks after each step) and the schedule's state."""
-        return {"history": self.history, "schedule": self.schedule.state_dict()}
+        """The history, the schedule's state, the dense metric and any unjudged step.
+
+        The history holds the masks after each entry; the unjudged step, what rolling it
+        back needs (the masks before it, and its channels' weights and statistics).
+        """
+        return {
+            "history": self.history,
+            "schedule": self.schedule.state_dict(),
+            "dense_metric": self.dense_metric,
+            "unjudged": self._unjudged,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the history; the masks are re-applied when training starts."""
         self.history = list(state_dict["history"])
         self.schedule.load_state_dict(state_dict["schedule"])
+        self.dense_metric = state_dict.get("dense_metric")
+        self._unjudged = state_dict.get("unjudged")
         self._pending_masks = self.history[-1]["masks"] if self.history else None
 
     @override
@@ -382,6 +513,33 @@ class ShapleyPruning(Callback):
             mask = state.pop(f"{base}_mask", None)
             original = state.pop(key)
             state[base] = original if mask is None else original * mask
+
+
+def _check_schedule(
+    schedule: object, amount: float, epochs: int | Sequence[int] | None, ramp: str
+) -> None:
+    """A schedule must be one, and replaces ``amount``, ``epochs`` and ``ramp`` entirely."""
+    if not isinstance(schedule, PruningSchedule):
+        raise ValueError(
+            f"schedule={schedule!r} is not a pruning schedule; it needs the methods target, "
+            "validate, state_dict and load_state_dict (see lightning_shapley.schedule)"
+        )
+    settings = (("amount", amount, 0.5), ("epochs", epochs, None), ("ramp", ramp, "cubic"))
+    given = [f"{name}={value!r}" for name, value, default in settings if value != default]
+    if given:
+        raise ValueError(
+            f"schedule={schedule!r} replaces amount, epochs and ramp, but got {', '.join(given)} "
+            "as well; pass either schedule= or those settings"
+        )
+
+
+def _judges_steps(schedule: PruningSchedule) -> bool:
+    """Whether the schedule judges each step by the metric after it (``UntilDrop``)."""
+    return callable(getattr(schedule, "record", None))
+
+
+def _flags(values: list[bool]) -> Tensor:
+    return torch.tensor(values, dtype=torch.bool)
 
 
 def _ascending_unpruned(values: Tensor) -> Tensor:

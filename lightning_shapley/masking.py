@@ -11,7 +11,8 @@ trainable tensor moves to ``p_orig`` (the same ``Parameter`` object, so optimize
 before pruning keep training it), a ``p_mask`` buffer holds the mask, and a forward
 pre-hook recomputes ``p = p_orig * p_mask`` before every forward. The optimizer may move
 the masked entries of ``p_orig``, but never the effective weights, so a pruned channel
-stays pruned. Masks are cumulative: a channel pruned once stays pruned.
+stays pruned. Masks are cumulative: a channel pruned once stays pruned, unless
+:func:`set_pruned_channels` un-prunes it (to roll a step back).
 
 State dicts: a masked model saves ``<module>.<p>_orig`` and ``<module>.<p>_mask`` in place
 of ``<module>.<p>``, so its state dict loads only into a model masked the same way; call
@@ -185,12 +186,7 @@ def prune_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
     """
     targets = _coupled_parameters(model, unit)
     n = unit.n_channels
-    if not isinstance(pruned, Tensor) or pruned.dtype != torch.bool or pruned.shape != (n,):
-        raise ValueError(
-            f"pruned is {_describe(pruned)}; for unit {unit.name!r} it must be a boolean "
-            f"tensor of shape ({n},), one entry per channel"
-        )
-    pruned = pruned.detach().cpu()
+    pruned = _channel_flags(unit, pruned, "pruned")
     before = _pruned_from_masks(targets, n)
     if bool((before | pruned).all()):
         raise ValueError(
@@ -200,6 +196,143 @@ def prune_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
         )
     for _, module, name, dim in targets:
         ChannelMask.apply(module, name, pruned, dim)
+
+
+def set_pruned_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
+    """Set the masks of ``unit`` so that exactly the channels ``pruned`` are pruned.
+
+    Where :func:`prune_channels` only adds, this also un-prunes: a channel pruned now but
+    not in ``pruned`` gets mask entries of one again in every coupled parameter, and
+    computes again with the values its trainable tensors (``<p>_orig``) hold: those it had
+    when it was pruned, moved since only by what the optimizer does to masked entries
+    (weight decay, momentum); :func:`load_channel_state` puts saved ones back. The
+    :class:`ChannelMask` records follow the masks, so later :func:`prune_channels` calls
+    accumulate on top as usual. Every coupled parameter carries a mask afterwards.
+    Everything is checked before anything changes, so a ``ValueError`` leaves the model
+    as it was.
+
+    Args:
+        model: the model holding the unit's modules.
+        unit: the unit (``units.PrunableUnit`` or anything with its attributes).
+        pruned: boolean ``[unit.n_channels]`` tensor, ``True`` for each channel to be
+            pruned afterwards; on any device.
+
+    Raises:
+        ValueError: as :func:`prune_channels` (``pruned`` is not a boolean tensor of that
+            shape, it prunes every channel, the unit does not fit the model); or a
+            channel to un-prune is masked in a parameter that carries another pruning
+            method as well (``prune.l1_unstructured``, a mask put back by
+            :func:`restore_masks`), whose zeros in that channel cannot be told from ours.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+        >>> unit = SimpleNamespace(
+        ...     name="0", producers=("0",), batchnorms=("1",), consumers=(), n_channels=3
+        ... )
+        >>> prune_channels(model, unit, torch.tensor([True, True, False]))
+        >>> set_pruned_channels(model, unit, torch.tensor([False, True, False]))
+        >>> pruned_channels(model, unit)
+        tensor([False,  True, False])
+    """
+    targets = _coupled_parameters(model, unit)
+    pruned = _channel_flags(unit, pruned, "pruned")
+    if bool(pruned.all()):
+        raise ValueError(
+            f"pruned marks every channel of unit {unit.name!r}, all its {unit.n_channels} "
+            "channels; a unit must keep at least one channel"
+        )
+    revived = _pruned_from_masks(targets, unit.n_channels) & ~pruned
+    if revived.any():
+        for module_name, module, name, dim in targets:
+            hook = _pruning_hook(module, name)[1]
+            ndim = _maskable(module, name).ndim
+            if hook is not None and not (isinstance(hook, ChannelMask) and hook.dim % ndim == dim):
+                raise ValueError(
+                    f"cannot un-prune channels {revived.nonzero().flatten().tolist()} of unit "
+                    f"{unit.name!r}: {module_name}.{name} carries a {type(hook).__name__}, "
+                    "not a ChannelMask alone, and its zeros there cannot be told from ours; "
+                    "call make_permanent first, or prune that parameter with ChannelMask only"
+                )
+    for _, module, name, dim in targets:
+        hook = _pruning_hook(module, name)[1]
+        if revived.any() and hook is not None:  # a ChannelMask alone, checked above
+            mask = module._buffers[name + "_mask"]
+            with torch.no_grad():
+                mask.movedim(dim, 0)[revived.to(mask.device)] = 1
+            hook.pruned = hook.pruned & ~revived
+        ChannelMask.apply(module, name, pruned, dim)
+
+
+def channel_state(model: nn.Module, unit: Unit, channels: Tensor) -> dict[str, Tensor]:
+    """The values of ``channels`` in every tensor of ``unit`` that holds them, to put back later.
+
+    For each coupled parameter its trainable tensor (``<p>_orig`` once masked), and for
+    each of the unit's BatchNorms its running mean and variance, sliced to ``channels``
+    along the channel dimension (moved first), cloned to the CPU and keyed
+    ``"<module>.<tensor>"``. With :func:`load_channel_state` and
+    :func:`set_pruned_channels`, a pruning step can be undone on the channels it pruned,
+    weights and statistics included.
+
+    Args:
+        model: the model holding the unit's modules.
+        unit: the unit.
+        channels: boolean ``[unit.n_channels]``, ``True`` for each channel to save.
+
+    Raises:
+        ValueError: ``channels`` is not a boolean tensor of that shape, or the unit does
+            not fit the model (see :func:`prune_channels`).
+    """
+    tensors = _channel_tensors(model, unit)
+    channels = _channel_flags(unit, channels, "channels")
+    state = {}
+    for key, tensor, dim in tensors:
+        index = channels.nonzero().flatten().to(tensor.device)
+        state[key] = tensor.detach().movedim(dim, 0)[index].cpu().clone()
+    return state
+
+
+def load_channel_state(
+    model: nn.Module, unit: Unit, channels: Tensor, state: Mapping[str, Tensor]
+) -> None:
+    """Write what :func:`channel_state` saved for ``channels`` back into the model.
+
+    The masks are left as they are: a channel still pruned stays at zero, and takes the
+    loaded values once :func:`set_pruned_channels` un-prunes it. Everything is checked
+    before anything changes.
+
+    Args:
+        model: the model holding the unit's modules.
+        unit: the unit.
+        channels: the same boolean ``[unit.n_channels]`` as given to :func:`channel_state`.
+        state: what it returned.
+
+    Raises:
+        ValueError: ``channels`` is not a boolean tensor of that shape, ``state`` does not
+            hold exactly the unit's tensors, or a tensor's shape does not fit
+            ``channels``.
+    """
+    tensors = _channel_tensors(model, unit)
+    channels = _channel_flags(unit, channels, "channels")
+    expected = {key for key, _, _ in tensors}
+    if set(state) != expected:
+        raise ValueError(
+            f"state holds {sorted(state)}, but unit {unit.name!r} has the tensors "
+            f"{sorted(expected)}; pass what channel_state returned for this unit"
+        )
+    index = channels.nonzero().flatten()
+    for key, tensor, dim in tensors:
+        shape = (len(index), *tensor.movedim(dim, 0).shape[1:])
+        if tuple(state[key].shape) != shape:
+            raise ValueError(
+                f"state[{key!r}] has shape {tuple(state[key].shape)}, but {int(channels.sum())} "
+                f"channels of it have shape {shape}; pass the channels given to channel_state"
+            )
+    with torch.no_grad():
+        for key, tensor, dim in tensors:
+            tensor.movedim(dim, 0)[index.to(tensor.device)] = state[key].to(tensor)
+    for module_name in dict.fromkeys(key.rpartition(".")[0] for key in expected):
+        _recompute_pruned(model.get_submodule(module_name), None)
 
 
 def pruned_channels(model: nn.Module, unit: Unit) -> Tensor:
@@ -328,6 +461,32 @@ def _coupled_parameters(model: nn.Module, unit: Unit) -> list[_Target]:
                     )
                 targets.append((module_name, module, name, dim))
     return targets
+
+
+def _channel_tensors(model: nn.Module, unit: Unit) -> list[tuple[str, Tensor, int]]:
+    """Every tensor that holds the unit's channels: ``(key, tensor, channel dim)``."""
+    tensors = [
+        (f"{module_name}.{name}", _maskable(module, name), dim)
+        for module_name, module, name, dim in _coupled_parameters(model, unit)
+    ]
+    for module_name in unit.batchnorms:
+        module = model.get_submodule(module_name)
+        for name in ("running_mean", "running_var"):
+            buffer = getattr(module, name, None)
+            if isinstance(buffer, Tensor):
+                tensors.append((f"{module_name}.{name}", buffer, 0))
+    return tensors
+
+
+def _channel_flags(unit: Unit, flags: object, argument: str) -> Tensor:
+    """``flags`` on the CPU, checked to be one boolean per channel of the unit."""
+    n = unit.n_channels
+    if not isinstance(flags, Tensor) or flags.dtype != torch.bool or flags.shape != (n,):
+        raise ValueError(
+            f"{argument} is {_describe(flags)}; for unit {unit.name!r} it must be a boolean "
+            f"tensor of shape ({n},), one entry per channel"
+        )
+    return flags.detach().cpu()
 
 
 def _producer_parameters(unit: str, module_name: str, module: nn.Module) -> list[tuple[str, int]]:

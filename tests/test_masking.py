@@ -16,10 +16,13 @@ from torch.nn.utils import prune
 
 from lightning_shapley.masking import (
     ChannelMask,
+    channel_state,
+    load_channel_state,
     make_permanent,
     prune_channels,
     pruned_channels,
     restore_masks,
+    set_pruned_channels,
 )
 
 try:
@@ -523,3 +526,157 @@ def test_restore_masks_refuses_a_state_dict_of_another_model_and_changes_nothing
         restore_masks(wider, {k: v for k, v in state.items() if not k.startswith("3.weight")})
     assert not pruning_hooks(wider)
     assert_state_equal(wider, saved)
+
+
+# --------------------------------------------------------------------------- setting masks exactly
+
+
+def assert_masks_are(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
+    """Every coupled mask zeroes exactly ``pruned``, and its ChannelMask records as much."""
+    assert torch.equal(pruned_channels(model, unit), pruned)
+    for name in (*unit.producers, *unit.batchnorms):
+        module = model.get_submodule(name)
+        for hook in module._forward_pre_hooks.values():
+            if not isinstance(hook, ChannelMask):
+                continue
+            assert torch.equal(hook.pruned, pruned), name
+            weight_mask = getattr(module, hook._tensor_name + "_mask")
+            zero = weight_mask.movedim(hook.dim, 0).reshape(len(pruned), -1).eq(0)
+            assert torch.equal(zero.all(1), pruned) and torch.equal(zero.any(1), pruned), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_set_pruned_channels_unprunes_and_later_pruning_accumulates(case):
+    factory, unit, shape, zero_after = CASES[case]
+    model = factory()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    n = unit.n_channels
+    prune_channels(model, unit, mask(n, 0, n - 2))
+
+    set_pruned_channels(model, unit, mask(n, n - 2))  # un-prunes channel 0
+
+    assert_masks_are(model, unit, mask(n, n - 2))
+    expected = reference_logits(factory(), zero_after, mask(n, n - 2), x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    prune_channels(model, unit, mask(n, 1))  # cumulative on top of the new masks
+    assert_masks_are(model, unit, mask(n, 1, n - 2))
+    expected = reference_logits(factory(), zero_after, mask(n, 1, n - 2), x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+    set_pruned_channels(model, unit, mask(n))  # back to dense, masks kept
+    assert_masks_are(model, unit, mask(n))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), factory()(x), rtol=0, atol=1e-5)
+
+
+def test_set_pruned_channels_prunes_and_unprunes_in_one_call_and_on_a_fresh_model():
+    model = cnn()
+    set_pruned_channels(model, CNN_CONV0, mask(6, 1, 4))  # no masks yet: as prune_channels
+    assert_masks_are(model, CNN_CONV0, mask(6, 1, 4))
+    set_pruned_channels(model, CNN_CONV0, mask(6, 0, 4))  # 1 comes back, 0 goes
+    assert_masks_are(model, CNN_CONV0, mask(6, 0, 4))
+    hooks = pruning_hooks(model)
+    assert len(hooks) == 3 and all(type(h) is ChannelMask for h in hooks)
+    assert torch.equal(pruned_channels(model, CNN_CONV3), mask(5))  # the other unit untouched
+
+
+def test_unpruned_masks_survive_a_state_dict_round_trip():
+    model = cnn().eval()
+    prune_channels(model, CNN_CONV0, mask(6, 1, 2, 5))
+    set_pruned_channels(model, CNN_CONV0, mask(6, 2))
+    state = model.state_dict()
+    assert torch.equal(state["0.weight_mask"].reshape(6, -1).eq(0).all(1), mask(6, 2))
+    assert torch.equal(state["1.bias_mask"].eq(0), mask(6, 2))
+    assert torch.equal(state["0.weight_orig"], cnn()[0].weight)  # the weights kept their values
+    x = torch.randn(4, 1, 8, 8)
+
+    fresh = cnn()
+    restore_masks(fresh, state)
+    fresh.load_state_dict(state)
+    assert torch.equal(pruned_channels(fresh, CNN_CONV0), mask(6, 2))
+    assert torch.equal(fresh.eval()(x), model(x))
+    make_permanent(model)
+    assert torch.count_nonzero(model[0].weight[[1, 5]]) > 0
+    assert torch.count_nonzero(model[0].weight[2]) == 0
+
+
+@pytest.mark.parametrize("call", BAD_CALLS)
+def test_a_bad_set_pruned_channels_raises_and_changes_nothing(call):
+    unit, pruned, message = BAD_CALLS[call]
+    model = cnn()
+    prune_channels(model, CNN_CONV0, mask(6, 2, 3))
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        set_pruned_channels(model, unit, pruned)
+    assert_state_equal(model, saved)
+    assert_masks_are(model, CNN_CONV0, mask(6, 2, 3))
+
+
+def test_unpruning_a_parameter_that_carries_another_method_is_refused():
+    model = cnn()
+    prune_channels(model, CNN_CONV0, mask(6, 0, 2))
+    prune.l1_unstructured(model[0], "weight", amount=0.3)  # its zeros fall in channels 0, 2 too
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match=r"un-prune channels \[0\].*0\.weight.*PruningContainer"):
+        set_pruned_channels(model, CNN_CONV0, mask(6, 2))
+    assert_state_equal(model, saved)
+    set_pruned_channels(model, CNN_CONV0, mask(6, 0, 2, 4))  # pruning more is fine
+    assert torch.equal(pruned_channels(model, CNN_CONV0), mask(6, 0, 2, 4))
+
+
+# --------------------------------------------------------------------------- channel state
+
+
+def test_channel_state_puts_back_the_weights_and_statistics_of_a_step():
+    model = cnn().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    train(2)  # Adam's moments on every entry
+    step = mask(5, 1, 3)
+    saved = channel_state(model, CNN_CONV3, step)
+    tensors = {"3.weight", "3.bias", "4.weight", "4.bias", "4.running_mean", "4.running_var"}
+    assert set(saved) == tensors
+    assert saved["3.weight"].shape == (2, 6, 3, 3) and saved["4.running_var"].shape == (2,)
+    before = {key: value.clone() for key, value in saved.items()}
+    trained = channel_state(model, CNN_CONV3, ~step)
+    prune_channels(model, CNN_CONV3, step)
+    train(3)  # Adam moves the masked entries; the BatchNorm's statistics decay
+    moved = channel_state(model, CNN_CONV3, step)
+    for key in tensors:
+        assert not torch.equal(moved[key], before[key]), key
+
+    set_pruned_channels(model, CNN_CONV3, mask(5))
+    load_channel_state(model, CNN_CONV3, step, saved)
+
+    back = channel_state(model, CNN_CONV3, step)
+    for key, value in before.items():
+        assert torch.equal(back[key], value), key
+    assert torch.equal(model[3].weight[step], before["3.weight"])  # effective at once
+    kept = channel_state(model, CNN_CONV3, ~step)  # the other channels keep their training
+    assert not torch.equal(kept["3.weight"], trained["3.weight"])
+
+
+def test_load_channel_state_refuses_a_state_that_does_not_fit_and_changes_nothing():
+    model = cnn()
+    saved = channel_state(model, CNN_CONV3, mask(5, 1, 3))
+    with torch.no_grad():
+        model[3].weight.mul_(2)
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"state holds \[.3.weight.\], but unit '3' has the tensors .*'4.running_mean'",
+    ):
+        load_channel_state(model, CNN_CONV3, mask(5, 1, 3), {"3.weight": saved["3.weight"]})
+    with pytest.raises(ValueError, match=r"state\['3.weight'\] has shape \(2, 6, 3, 3\).*\(1, 6"):
+        load_channel_state(model, CNN_CONV3, mask(5, 1), saved)
+    with pytest.raises(ValueError, match=r"channels is a torch.float32 tensor"):
+        load_channel_state(model, CNN_CONV3, torch.zeros(5), saved)
+    assert_state_equal(model, before)
