@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from models_for_tests import ResidualBlock
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -430,20 +431,6 @@ def test_until_drop_under_ddp_judges_and_rolls_back_alike_on_every_process(
 
 
 # --------------------------------------------------------------------------- residual CNN
-
-
-class ResidualBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + x)``, the identity skip."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
 
 
 class ResidualCNN(nn.Module):
