@@ -1,7 +1,6 @@
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
-from torch.utils.data import DataLoader
+from models_for_tests import train_digits_cnn
 
 from lightning_shapley.data import DigitsSplits, digits_splits
 from lightning_shapley.models import DigitsCNN
@@ -15,22 +14,7 @@ def digits_splits_fixture() -> DigitsSplits:
 @pytest.fixture(scope="session")
 def trained_cnn(digits_splits_fixture: DigitsSplits) -> DigitsCNN:
     """A small DigitsCNN trained with a plain loop (no Trainer): >90% test accuracy in seconds."""
-    torch.manual_seed(0)
-    net = DigitsCNN(channels=(16, 16, 32))
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    loader = DataLoader(
-        digits_splits_fixture.train,
-        batch_size=64,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(0),
-    )
-    net.train()
-    for _ in range(8):
-        for x, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            optimizer.step()
-    return net.eval()
+    return train_digits_cnn(digits_splits_fixture.train, (16, 16, 32), epochs=8, seed=0)
 
 
 @pytest.fixture(scope="session")

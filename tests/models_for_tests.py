@@ -12,8 +12,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_shapley.masking import prune_channels
+from lightning_shapley.models import DigitsCNN
 from lightning_shapley.units import PrunableUnit
 
 
@@ -242,3 +244,22 @@ def pruned_values(
             logits = torch.cat([replica(x) for x, _ in batches])
         values.append(value(logits, targets))
     return torch.tensor(values, dtype=torch.float64)
+
+
+def train_digits_cnn(
+    train: Dataset, channels: tuple[int, ...], epochs: int, seed: int
+) -> nn.Module:
+    """A DigitsCNN trained with a plain loop (Adam, batches of 64), returned in eval mode."""
+    torch.manual_seed(seed)
+    net = DigitsCNN(channels=channels)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    loader = DataLoader(
+        train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+    net.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    return net.eval()

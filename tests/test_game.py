@@ -24,10 +24,10 @@ from models_for_tests import (
     mlp,
     pruned_values,
     randomize_batchnorms,
+    train_digits_cnn,
 )
 from torch import Tensor, nn
 from torch.nn.utils import prune
-from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassF1Score
 
 from lightning_shapley import ChannelGame, shapley_values
@@ -162,22 +162,7 @@ def test_batching_coalitions_does_not_change_values(
 @pytest.fixture(scope="module")
 def small_cnn(digits_splits_fixture) -> DigitsCNN:
     """A DigitsCNN with a 10-channel middle layer, trained for two epochs."""
-    torch.manual_seed(1)
-    net = DigitsCNN(channels=(8, 10, 16))
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    loader = DataLoader(
-        digits_splits_fixture.train,
-        batch_size=64,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(1),
-    )
-    net.train()
-    for _ in range(2):
-        for x, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            optimizer.step()
-    return net.eval()
+    return train_digits_cnn(digits_splits_fixture.train, (8, 10, 16), epochs=2, seed=1)
 
 
 @pytest.fixture(scope="module")
