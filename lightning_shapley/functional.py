@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,22 @@ METHODS: dict[str, Callable[..., ShapleyEstimate]] = {
     "tmc": estimators.truncated_monte_carlo,
     "adaptive": estimators.adaptive,
 }
+
+
+def resolve_estimator(method: str, options: Mapping[str, object]) -> Callable[..., ShapleyEstimate]:
+    """The estimator named ``method``, once ``options`` are known to be options it takes."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not known; use one of {tuple(METHODS)}")
+    estimator = METHODS[method]
+    allowed = [
+        name
+        for name, parameter in inspect.signature(estimator).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "depth"
+    ]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{unknown} are not options of method={method!r}; it takes {allowed}")
+    return estimator
 
 
 def shapley_values(
@@ -67,17 +83,7 @@ def shapley_values(
         >>> est.values.shape, est.evaluations
         (torch.Size([6]), 64)
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not known; use one of {tuple(METHODS)}")
-    estimator = METHODS[method]
-    allowed = [
-        name
-        for name, parameter in inspect.signature(estimator).parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "depth"
-    ]
-    unknown = sorted(set(estimator_options) - set(allowed))
-    if unknown:
-        raise ValueError(f"{unknown} are not options of method={method!r}; it takes {allowed}")
+    estimator = resolve_estimator(method, estimator_options)
     game = ChannelGame(
         model, layer, batches, value=value, channel_dim=channel_dim, pruned=pruned, engine=engine
     )

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from lightning_shapley.functional import shapley_values
+from lightning_shapley.functional import resolve_estimator, shapley_values
 from lightning_shapley.game import Batch, scoring_mode
-from lightning_shapley.value_functions import ValueSetting
+from lightning_shapley.value_functions import ValueSetting, resolve_value
+from lightning_shapley.weighting import resolve_weighting
 
 
 class Unit(Protocol):
@@ -113,10 +114,14 @@ class ShapleyScorer(Scorer):
         seed: int = 0,
         **options: object,
     ) -> None:
-        self.value, self.weighting, self.depth, self.method = value, weighting, depth, method
         # Exact enumeration takes no budget and draws nothing at random.
         sampling = {} if method == "exact" else {"num_permutations": num_permutations, "seed": seed}
         self.options = sampling | options
+        # Every setting is checked now, before training, not at the first step.
+        resolve_estimator(method, self.options)
+        resolve_weighting(weighting, depth)
+        resolve_value(value)
+        self.value, self.weighting, self.depth, self.method = value, weighting, depth, method
 
     def score(
         self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor

@@ -503,6 +503,8 @@ def bad_batches() -> DataLoader:
         ({"epochs": [1, 9]}, r"max_epochs"),
         ({"layers": ["net.nothing"]}, r"net.nothing"),
         ({"scorer": "magic"}, r"scorer='magic' is not known"),
+        ({"method": "magic"}, r"method='magic' is not known"),
+        ({"weighting": "band"}, r"depth=None is not allowed for weighting='band'"),
         ({"amount": 0.9, "min_channels": 4}, r"min_channels=4"),
         ({"score_dataloader": bad_batches()}, r"cannot be unpacked into \(inputs, targets\)"),
         ({"scope": "everything"}, r"scope='everything' is not known"),
