@@ -132,8 +132,8 @@ class _DependencyGraph:
     """torch-pruning's dependency graph of a deep copy of a model, read as units."""
 
     def __init__(self, model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> None:
-        args = _checked_inputs(example_inputs)
-        self.model = _replica(model)
+        args = checked_example_inputs(example_inputs)
+        self.model = traceable_copy(model)
         self.names = {module: name for name, module in self.model.named_modules()}
         self.order = {name: index for index, name in enumerate(self.names.values())}
         outputs: list[Tensor] = []
@@ -237,7 +237,8 @@ class _DependencyGraph:
         return None
 
 
-def _checked_inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+def checked_example_inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The forward's positional arguments: a tensor, or a sequence of tensors."""
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, list | tuple) and all(
@@ -250,7 +251,7 @@ def _checked_inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, 
     )
 
 
-def _replica(model: nn.Module) -> nn.Module:
+def traceable_copy(model: nn.Module) -> nn.Module:
     """A deep copy to trace: tracing switches it to eval mode and runs a forward pass."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model is a {type(model).__name__}; find_units needs an nn.Module")
