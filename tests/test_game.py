@@ -199,31 +199,15 @@ def _assert_zero_outside_coalitions(outputs: list[Tensor], coalitions: Tensor) -
         assert all(stacked[:, j][:, c].abs().sum() > 0 for j, c in enumerate(coalitions) if c.any())
 
 
+@pytest.mark.parametrize("engine", ["full", "split"])
 @pytest.mark.parametrize("layer", ["features.0", "features.3"])
-def test_masked_channels_are_exactly_zero_after_batchnorm_full_engine(
-    trained_cnn, score_batches, layer
+def test_masked_channels_are_exactly_zero_after_batchnorm(
+    trained_cnn, score_batches, layer, engine
 ):
-    game = ChannelGame(trained_cnn, layer, score_batches, engine="full")
-    coalitions = random_coalitions(game.n_players, m=6, seed=2)
-    assert game.coalitions_per_forward >= len(coalitions)
-    outputs: list[Tensor] = []
-    relu = trained_cnn.get_submodule(CNN_RELUS[layer])
-    handle = relu.register_forward_hook(lambda _m, _i, output: outputs.append(output.clone()))
-    try:
-        game(coalitions)
-    finally:
-        handle.remove()
-    assert len(outputs) == len(score_batches)
-    _assert_zero_outside_coalitions(outputs, coalitions)
-
-
-@pytest.mark.parametrize("layer", ["features.0", "features.3"])
-def test_masked_channels_are_exactly_zero_after_batchnorm_split_engine(
-    trained_cnn, score_batches, layer
-):
-    # Unfolded, the split engine masks the cached BatchNorm output and replays the ReLU.
+    # The ReLU after the BatchNorm runs per coalition in both engines (unfolded, the split
+    # engine masks the cached BatchNorm output and replays the ReLU).
     model = copy.deepcopy(trained_cnn).eval()
-    game = ChannelGame(model, layer, score_batches, engine="split", coalitions_per_forward=6)
+    game = ChannelGame(model, layer, score_batches, engine=engine, coalitions_per_forward=6)
     coalitions = random_coalitions(game.n_players, m=6, seed=3)
     outputs: list[Tensor] = []
     relu = model.get_submodule(CNN_RELUS[layer])
