@@ -116,18 +116,11 @@ class LSTMNet(nn.Module):
         return self.head(out[:, -1])
 
 
-class ProjectionNet(nn.Module):
-    """A stem, then ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` with a 1x1 shortcut.
+class ProjectionBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` with a 1x1 conv + BN shortcut."""
 
-    The block's output is one unit of two producers, ``block.conv2`` and ``block.shortcut.0``,
-    neither downstream of the other.
-    """
-
-    def __init__(self, c_in: int = 4, c_out: int = 6) -> None:
+    def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, c_in, 3, padding=1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU()
-        )
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
@@ -135,13 +128,28 @@ class ProjectionNet(nn.Module):
         self.shortcut = nn.Sequential(
             nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out)
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ProjectionNet(ProjectionBlock):
+    """A stem, then a :class:`ProjectionBlock`, pooling and a linear head.
+
+    The block's output is one unit of two producers, ``conv2`` and ``shortcut.0``, neither
+    downstream of the other.
+    """
+
+    def __init__(self, c_in: int = 4, c_out: int = 6) -> None:
+        super().__init__(c_in, c_out)
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, c_in, 3, padding=1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU()
+        )
         self.head = nn.Linear(c_out, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-        return self.head(out.mean((2, 3)))
+        return self.head(super().forward(self.stem(x)).mean((2, 3)))
 
 
 class InvertedResidualNet(nn.Module):

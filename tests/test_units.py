@@ -13,6 +13,7 @@ import torch.nn.functional as F  # noqa: N812
 from models_for_tests import (
     DataDependentCNN,
     LSTMNet,
+    ProjectionBlock,
     ResidualBlock,
     flatten_head_cnn,
     mlp,
@@ -28,24 +29,6 @@ IMAGES = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 # --------------------------------------------------------------------------- models
-
-
-class ProjectionBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` with a 1x1 conv + BN shortcut."""
-
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class TwoBlockResNet(nn.Module):
