@@ -1,13 +1,27 @@
 import copy
+from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
-from models_for_tests import ResidualNet, mlp, randomize_batchnorms
+from models_for_tests import DataDependentCNN, ResidualNet, mlp, randomize_batchnorms
 from torch import nn
 
-from lightning_shapley import masking, units
-from lightning_shapley.export import compact
-from lightning_shapley.models import DigitsCNN
+from lightning_shapley import export, masking, units
+from lightning_shapley.export import (
+    EXPORT_FORMATS,
+    accuracy,
+    compact,
+    export_artifacts,
+    file_size,
+    load_compact,
+    measure_latency,
+    quantize,
+    save_compact,
+    to_onnx,
+    to_torchscript,
+)
+from lightning_shapley.models import DigitsCNN, ImageClassifier
 
 
 def _prune_every_unit(model: nn.Module, x: torch.Tensor, counts: dict[str, int]) -> None:
@@ -136,3 +150,232 @@ def test_untraceable_inputs_are_refused() -> None:
         compact(model, torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="example_inputs"):
         compact(model, "images")
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+@pytest.fixture(scope="module")
+def masked_cnn(trained_cnn: DigitsCNN, score_batches: list) -> DigitsCNN:
+    """The trained CNN with a quarter of each unit's channels pruned, the lowest-L1 ones."""
+    model = copy.deepcopy(trained_cnn)
+    x = score_batches[0][0]
+    for unit in units.find_units(model, x):
+        weight = model.get_submodule(unit.producers[0]).weight
+        norms = weight.detach().abs().flatten(1).sum(1)
+        pruned = torch.zeros(unit.n_channels, dtype=torch.bool)
+        pruned[norms.argsort()[: unit.n_channels // 4]] = True
+        masking.prune_channels(model, unit, pruned)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def test_batches(digits_splits_fixture) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = digits_splits_fixture.test.tensors
+    return [(x[i : i + 100], y[i : i + 100]) for i in range(0, len(y), 100)]
+
+
+def test_static_int8_keeps_accuracy(
+    trained_cnn: DigitsCNN, score_batches: list, test_batches: list
+) -> None:
+    model = copy.deepcopy(trained_cnn).train()
+    before = _snapshot(model)
+    quantized = quantize(model, calibration_inputs=[x for x, _ in score_batches])
+    _assert_unchanged(model, before)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    kinds = {type(module).__name__ for module in quantized.modules()}
+    assert "ConvReLU2d" in kinds  # torch.ao.nn.intrinsic.quantized: conv, BN and ReLU fused
+    assert "Linear" in kinds and isinstance(
+        quantized.get_submodule("classifier"), torch.ao.nn.quantized.dynamic.Linear
+    )
+    float_accuracy = accuracy(model, test_batches)
+    int8_accuracy = accuracy(quantized, test_batches)
+    assert model.training  # accuracy() evaluates in eval mode and restores the flags
+    assert float_accuracy > 0.9
+    assert abs(int8_accuracy - float_accuracy) <= 0.02
+
+
+def test_dynamic_int8_quantizes_linear_layers_alone(masked_cnn: DigitsCNN) -> None:
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    quantized = quantize(masked_cnn)
+    assert isinstance(quantized.classifier, torch.ao.nn.quantized.dynamic.Linear)
+    assert type(quantized.features[0]) is nn.Conv2d
+    # The masks are baked into the copy: its pruned channels stay zero.
+    assert not hasattr(quantized.features[0], "weight_orig")
+    assert hasattr(masked_cnn.features[0], "weight_orig")
+    torch.testing.assert_close(quantized(x), masked_cnn(x), atol=0.1, rtol=0)
+
+
+def test_untraceable_model_is_quantized_dynamically_only() -> None:
+    model = DataDependentCNN().eval()
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"torch\.fx must trace .* without calibration_inputs"):
+        quantize(model, calibration_inputs=[x])
+    with pytest.raises(ValueError, match="list of batches"):
+        quantize(model, calibration_inputs=x)
+    torch.testing.assert_close(quantize(model)(x), model(x), atol=0.05, rtol=0)
+
+
+def test_torchscript_and_onnx_match_the_model(
+    masked_cnn: DigitsCNN, exported: dict, tmp_path
+) -> None:
+    small = compact(masked_cnn, torch.rand(8, 1, 8, 8))
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    other_batch = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    paths = {artifact.format: artifact.path for artifact in exported["artifacts"]}
+
+    script = torch.jit.load(paths["torchscript"])
+    # Traced straight from the masked model: the masks are baked into the traced copy.
+    direct = torch.jit.load(to_torchscript(masked_cnn, x, tmp_path / "deep" / "masked.pt"))
+    for inputs in (x, other_batch):
+        torch.testing.assert_close(script(inputs), small(inputs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(direct(inputs), masked_cnn(inputs), atol=1e-5, rtol=0)
+    assert hasattr(masked_cnn.features[0], "weight_orig")  # the masked model is untouched
+
+    session = onnxruntime.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    (graph_input,) = session.get_inputs()
+    assert isinstance(graph_input.shape[0], str)  # a dynamic batch dimension
+    for inputs in (x, other_batch):
+        (out,) = session.run(None, {graph_input.name: inputs.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), small(inputs), atol=1e-5, rtol=0)
+
+
+def test_onnx_mismatch_is_reported_and_the_file_removed(monkeypatch, tmp_path) -> None:
+    model = DigitsCNN(channels=(4, 4, 8)).eval()
+    x = torch.randn(2, 1, 8, 8)
+
+    def fake_export(module: nn.Module, args: tuple, f: str, **kwargs: object) -> None:
+        Path(f).write_bytes(b"onnx")  # exporting for real takes seconds; not the point here
+
+    class OffByOne:
+        def __init__(self, path: Path) -> None:
+            pass
+
+        def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+            return model(inputs) + 1.0
+
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    monkeypatch.setattr(export, "_OnnxRunner", OffByOne)
+    with pytest.raises(ValueError, match=r"differs from the model's outputs by up to 1 "):
+        to_onnx(model, x, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_compact_checkpoint_reloads_into_the_original_class(
+    masked_cnn: DigitsCNN, score_batches: list, tmp_path
+) -> None:
+    x = score_batches[0][0]
+    small = compact(masked_cnn, x).eval()
+    path = save_compact(small, tmp_path / "compact.pt")
+    torch.save(DigitsCNN(channels=(16, 16, 32)).state_dict(), tmp_path / "dense.pt")
+    assert file_size(path) < 0.75 * file_size(tmp_path / "dense.pt")
+
+    fresh = DigitsCNN(channels=(16, 16, 32))
+    assert load_compact(path, fresh) is fresh
+    fresh.eval()
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in small.parameters()]
+    assert fresh.features[3].in_channels == fresh.features[0].out_channels == 12
+    assert fresh.features[4].num_features == 12 and fresh.classifier.in_features == 24
+    assert torch.equal(fresh(x), small(x))
+    torch.testing.assert_close(fresh(x), masked_cnn(x), atol=1e-5, rtol=0)
+    # The class itself is unchanged: a new instance has the full size.
+    assert DigitsCNN(channels=(16, 16, 32)).features[0].out_channels == 16
+
+
+def test_compact_checkpoint_errors(masked_cnn: DigitsCNN, tmp_path) -> None:
+    with pytest.raises(ValueError, match="still holds pruning masks"):
+        save_compact(masked_cnn, tmp_path / "masked.pt")
+    path = save_compact(compact(masked_cnn, torch.rand(4, 1, 8, 8)), tmp_path / "c.pt")
+
+    other = ResidualNet()
+    before = _snapshot(other)
+    with pytest.raises(ValueError, match=r"holds a lightning_shapley\.models\.DigitsCNN"):
+        load_compact(path, other)
+    _assert_unchanged(other, before)
+
+    deeper = DigitsCNN(channels=(16, 16, 32, 32))
+    before = _snapshot(deeper)
+    with pytest.raises(ValueError, match="does not fit this"):
+        load_compact(path, deeper)
+    _assert_unchanged(deeper, before)
+
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a compact checkpoint"):
+        load_compact(tmp_path / "plain.pt", DigitsCNN())
+
+
+@pytest.fixture(scope="module")
+def exported(
+    masked_cnn: DigitsCNN, score_batches: list, test_batches: list, tmp_path_factory
+) -> dict:
+    """Every format of the masked CNN, exported once (an ONNX export takes seconds)."""
+    x = score_batches[0][0]
+    before, masked_outputs = _snapshot(masked_cnn), masked_cnn(x)
+    directory = tmp_path_factory.mktemp("export") / "out"
+    artifacts = export_artifacts(
+        masked_cnn, x, directory, formats=EXPORT_FORMATS, batches=test_batches
+    )
+    return {"artifacts": artifacts, "before": before, "outputs": masked_outputs, "dir": directory}
+
+
+def test_export_artifacts_writes_every_format(
+    masked_cnn: DigitsCNN, score_batches: list, exported: dict
+) -> None:
+    x = score_batches[0][0]
+    masked_outputs, artifacts = exported["outputs"], exported["artifacts"]
+    _assert_unchanged(masked_cnn, exported["before"])
+    assert torch.equal(masked_cnn(x), masked_outputs)
+
+    assert [a.format for a in artifacts] == list(EXPORT_FORMATS)
+    dense_parameters = _n_params(DigitsCNN(channels=(16, 16, 32)))
+    for artifact in artifacts:
+        assert artifact.path.parent == exported["dir"] and artifact.path.is_file()
+        assert artifact.size_bytes == file_size(artifact.path) > 0
+        assert artifact.latency_ms > 0
+        assert artifact.parameters < dense_parameters
+    by_format = {a.format: a for a in artifacts}
+    float_accuracy = by_format["compact"].accuracy
+    assert by_format["torchscript"].accuracy == by_format["onnx"].accuracy == float_accuracy
+    assert abs(by_format["int8"].accuracy - float_accuracy) <= 0.03
+
+    reloaded = load_compact(by_format["compact"].path, DigitsCNN(channels=(16, 16, 32))).eval()
+    torch.testing.assert_close(reloaded(x), masked_outputs, atol=1e-5, rtol=0)
+    int8 = torch.jit.load(by_format["int8"].path)
+    assert (int8(x).argmax(1) == masked_outputs.argmax(1)).float().mean() > 0.9
+
+
+def test_unknown_format_is_refused_before_anything_is_written(
+    masked_cnn: DigitsCNN, tmp_path
+) -> None:
+    x = torch.rand(4, 1, 8, 8)
+    target = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"formats: 'tflite' is not an export format; allowed: "):
+        export_artifacts(masked_cnn, x, target, formats=["compact", "tflite"])
+    with pytest.raises(ValueError, match=r"'compact', 'int8', 'torchscript', 'onnx'"):
+        export_artifacts(masked_cnn, x, target, formats="onnx")
+    with pytest.raises(ValueError, match="batches"):
+        export_artifacts(masked_cnn, x, target, batches=[x])
+    assert not target.exists()
+
+
+def test_measure_latency_restores_train_flags() -> None:
+    model = DigitsCNN(channels=(4, 4, 8)).train()
+    model.features[1].eval()
+    seconds = measure_latency(model, torch.rand(2, 1, 8, 8), repeats=3, warmup=1)
+    assert seconds > 0
+    assert model.training and not model.features[1].training and model.features[4].training
+    with pytest.raises(ValueError, match="repeats=0"):
+        measure_latency(model, torch.rand(2, 1, 8, 8), repeats=0)
+
+
+def test_lightning_module_exports_and_reloads(tmp_path) -> None:
+    module = ImageClassifier(randomize_batchnorms(DigitsCNN(channels=(4, 4, 8)))).eval()
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    _prune_every_unit(module, x, {"net.features.0": 1, "net.features.3": 2, "net.features.7": 3})
+    script = torch.jit.load(to_torchscript(module, x, tmp_path / "m.pt"))
+    torch.testing.assert_close(script(x), module(x), atol=1e-5, rtol=0)
+
+    path = save_compact(compact(module, x), tmp_path / "c.pt")
+    fresh = load_compact(path, ImageClassifier(DigitsCNN(channels=(4, 4, 8)))).eval()
+    assert fresh.net.features[7].out_channels == 5
+    torch.testing.assert_close(fresh(x), module(x), atol=1e-5, rtol=0)
