@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import lightning
@@ -18,6 +19,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from lightning_shapley.export import EXPORT_FORMATS, Artifact, export_artifacts
 from lightning_shapley.game import Batch, scoring_mode
 from lightning_shapley.masking import (
     channel_state,
@@ -27,13 +29,17 @@ from lightning_shapley.masking import (
     pruned_channels,
     set_pruned_channels,
 )
+from lightning_shapley.recalibration import batchnorms, statistic_buffers
+from lightning_shapley.reporting import PruningReporter
+from lightning_shapley.rounds import SCOPES, RoundPruner, channels_to_prune
 from lightning_shapley.schedule import Decision, PruningSchedule, make_schedule
 from lightning_shapley.scorers import ChannelScores, Scorer, resolve_scorer
 from lightning_shapley.units import PrunableUnit, find_units
 from lightning_shapley.value_functions import ValueSetting, accuracy, resolve_value
 
-SCOPES = ("layer", "global")
 SCORE_SOURCES = ("val", "train")
+#: Bands up to this depth are enumerated exactly by default: ``1 + n + C(n, 2)`` coalitions.
+EXACT_BAND_DEPTH = 2
 BatchTransform = Callable[[Any], Batch]
 
 
@@ -51,6 +57,13 @@ class ShapleyPruning(Callback):
     lowest-scoring channels are masked through ``torch.nn.utils.prune`` until the unit
     reaches the schedule's sparsity, and the trainer fine-tunes the rest as usual. Masks
     are cumulative: a pruned channel stays at zero.
+
+    The defaults are the pipeline that pruned best in ``benchmarks/quality.py``: the
+    value of a channel is what removing it alone costs now (the pruning band at depth 1,
+    computed exactly), channels go a few at a time (``removal_step``) with the survivors
+    re-scored in between, the units take turns (``interleave``), and the BatchNorm
+    statistics are re-estimated on training batches after every round (``recalibrate``).
+    See :mod:`lightning_shapley.rounds`.
 
     Under DDP every process scores on its own scoring batches (every ``world_size``-th
     batch of the loader, ``score_batches`` each), with the same random permutations; the
@@ -88,10 +101,13 @@ class ShapleyPruning(Callback):
             or a :class:`~lightning_shapley.scorers.Scorer`.
         value: the coalition value of the Shapley scorer: ``"loss"`` | ``"accuracy"`` |
             a torchmetrics Metric | ``fn(logits, targets)``.
-        num_permutations: the Shapley scorer's sampling budget per unit.
-        weighting: the Shapley scorer's coalition-size weighting.
-        depth: the band's depth, with ``weighting="band"``.
-        method: the Shapley scorer's estimator.
+        num_permutations: the Shapley scorer's sampling budget per unit (sampling
+            methods only).
+        weighting: the Shapley scorer's coalition-size weighting: ``"band"`` (default),
+            ``"shapley"`` (the classic value) or ``"banzhaf"``.
+        depth: the band's depth; ``None`` is 1 with ``weighting="band"``.
+        method: the Shapley scorer's estimator; ``None`` enumerates bands of depth 1 and
+            2 exactly and samples the rest (``"surrogate"``).
         score_dataloader: held-out batches to score on; ``None`` for the datamodule's
             loader named by ``score_source``.
         score_batches: how many of its batches are used (by each process, under DDP).
@@ -105,6 +121,24 @@ class ShapleyPruning(Callback):
         schedule: a :class:`~lightning_shapley.schedule.PruningSchedule` used instead of
             ``amount``, ``epochs`` and ``ramp`` (leave those at their defaults), e.g.
             :class:`~lightning_shapley.schedule.UntilDrop` for the critical threshold.
+        removal_step: a step's channels go in rounds of this many per unit (an int), or
+            of this fraction of each unit's channels (a float, at least one channel), the
+            survivors re-scored after each round; ``None`` removes them at once.
+        interleave: within a round the units take turns, each scored with the ones before
+            it already pruned; ``None`` is ``True`` for the layer scope, ``False`` (one
+            ranking across units per round) for the global one.
+        recalibrate: training batches on which the BatchNorm running statistics are
+            re-estimated after every round (no gradient step); 0 leaves them alone.
+        export: formats written when fit ends, from
+            :data:`~lightning_shapley.export.EXPORT_FORMATS` (``"compact"``, ``"int8"``,
+            ``"torchscript"``, ``"onnx"``): a physically smaller model, see
+            :func:`~lightning_shapley.export.export_artifacts`; their sizes, latency and
+            accuracy on the scoring batches go to the loggers as ``export/<format>/*``.
+        export_dir: where they go: ``export/`` in it; ``None`` for the trainer's log
+            directory.
+        reporter: draws the figures of the run (PNG files, and images for every logger
+            that takes them) and logs its W&B charts and tables; ``True`` for a default
+            :class:`~lightning_shapley.reporting.PruningReporter`, ``False`` for none.
 
     Example:
         >>> pruning = ShapleyPruning(amount=0.5, epochs=[2, 4, 6])
@@ -121,9 +155,9 @@ class ShapleyPruning(Callback):
         scorer: str | Scorer = "shapley",
         value: ValueSetting = "loss",
         num_permutations: int = 32,
-        weighting: str = "shapley",
+        weighting: str = "band",
         depth: int | None = None,
-        method: str = "surrogate",
+        method: str | None = None,
         score_dataloader: Iterable[Any] | None = None,
         score_batches: int = 4,
         score_source: str = "val",
@@ -133,6 +167,12 @@ class ShapleyPruning(Callback):
         batch_transform: BatchTransform | None = None,
         seed: int = 0,
         schedule: PruningSchedule | None = None,
+        removal_step: int | float | None = 0.02,
+        interleave: bool | None = None,
+        recalibrate: int = 8,
+        reporter: PruningReporter | bool = True,
+        export: Sequence[str] = (),
+        export_dir: str | Path | None = None,
     ) -> None:
         if schedule is None:
             self.schedule: PruningSchedule = make_schedule(amount, epochs, ramp)
@@ -148,8 +188,21 @@ class ShapleyPruning(Callback):
                 f"score_source={score_source!r} is not known; use one of {SCORE_SOURCES}"
             )
         for name, number in (("score_batches", score_batches), ("min_channels", min_channels)):
-            if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+            if not _is_int(number) or number < 1:
                 raise ValueError(f"{name}={number!r} is not allowed; it must be a positive integer")
+        if not _is_int(recalibrate) or recalibrate < 0:
+            raise ValueError(
+                f"recalibrate={recalibrate!r} is not allowed; it must be a number of training "
+                "batches, 0 to keep the BatchNorm statistics as they are"
+            )
+        if interleave is not None and not isinstance(interleave, bool):
+            raise ValueError(f"interleave={interleave!r} is not allowed; use True, False or None")
+        if weighting == "band" and depth is None:
+            depth = 1
+        if method is None:
+            # The band's few coalitions are cheapest enumerated; the others are sampled.
+            shallow = isinstance(depth, int) and depth <= EXACT_BAND_DEPTH
+            method = "exact" if weighting == "band" and shallow else "surrogate"
         self.scorer = resolve_scorer(
             scorer,
             seed=seed,
@@ -159,6 +212,8 @@ class ShapleyPruning(Callback):
             method=method,
             num_permutations=num_permutations,
         )
+        # Checks removal_step and interleave against the scope now, before training.
+        RoundPruner([], self.scorer, scope, min_channels, removal_step, interleave or False)
         self.layers = None if layers is None else list(layers)
         self.score_dataloader = score_dataloader
         self.score_batches = score_batches
@@ -166,10 +221,30 @@ class ShapleyPruning(Callback):
         self.scope = scope
         self.min_channels = min_channels
         self.batch_transform = batch_transform or _default_batch
-        self._value_fn = resolve_value(value)
+        self.removal_step = removal_step
+        self.interleave = scope == "layer" if interleave is None else interleave
+        self.recalibrate = recalibrate
+        #: The coalition value as a function ``(logits [k, N, C...], targets) -> [k]``.
+        self.value_function = resolve_value(value)
+        if not isinstance(reporter, PruningReporter | bool):
+            raise ValueError(
+                f"reporter={reporter!r} is not allowed; use a PruningReporter, True for the "
+                "default one (figures in the log directory) or False for none"
+            )
+        #: Draws the figures and logs the W&B charts of the run (None: no reporting).
+        self.reporter = PruningReporter() if reporter is True else reporter or None
+        if isinstance(export, str) or any(f not in EXPORT_FORMATS for f in export):
+            raise ValueError(
+                f"export={export!r} is not allowed; use a list of formats from {EXPORT_FORMATS}"
+            )
+        self.export = tuple(export)
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        #: What ``export`` wrote when fit ended (on global rank zero).
+        self.artifacts: list[Artifact] = []
         self.units: list[PrunableUnit] = []
         self.history: list[dict[str, Any]] = []
-        self._batches: list[Batch] = []
+        #: This process's scoring batches, ``(inputs, targets)``, fetched when fit sets up.
+        self.scoring_batches: list[Batch] = []
         self._pending_masks: dict[str, list[bool]] | None = None
         #: The scoring value of the dense model, measured just before the first step.
         self.dense_metric: float | None = None
@@ -187,14 +262,22 @@ class ShapleyPruning(Callback):
         if stage != "fit":
             return
         self.schedule.validate(trainer.max_epochs)
-        self._batches = self._fetch_batches(trainer)
-        self.units = find_units(pl_module, self._batches[0][0], self.layers)
+        self.scoring_batches = self._fetch_batches(trainer)
+        self.units = find_units(pl_module, self.scoring_batches[0][0], self.layers)
+        self.rounds = RoundPruner(
+            self.units,
+            self.scorer,
+            self.scope,
+            self.min_channels,
+            self.removal_step,
+            self.interleave,
+        )
         for unit in self.units:
             self.scorer.check(unit)
             # A global ranking decides per unit later; it can always keep min_channels. A
             # schedule with no final amount (a search) is capped at min_channels as it goes.
             amount = self.amount if self.scope == "layer" and self.amount is not None else 0.0
-            kept = unit.n_channels - self._channels_to_prune(unit.n_channels, amount)
+            kept = unit.n_channels - channels_to_prune(unit.n_channels, amount)
             if kept < self.min_channels:
                 raise ValueError(
                     f"amount={self.amount} would leave unit {unit.name!r} with {kept} of its "
@@ -234,9 +317,6 @@ class ShapleyPruning(Callback):
             raise ValueError("the scoring loader gave no batches; it must give at least one")
         return _shard(batches, shards, trainer.global_rank)
 
-    def _channels_to_prune(self, n_channels: int, sparsity: float) -> int:
-        return math.floor(sparsity * n_channels + 1e-9)
-
     # ------------------------------------------------------------------ the step
 
     @override
@@ -273,81 +353,79 @@ class ShapleyPruning(Callback):
 
     def _device_batches(self, pl_module: lightning.LightningModule) -> list[Batch]:
         device = pl_module.device
-        return [(x.to(device), y.to(device)) for x, y in self._batches]
+        return [(x.to(device), y.to(device)) for x, y in self.scoring_batches]
 
     def _step(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, target: float
     ) -> None:
         batches = self._device_batches(pl_module)
+        if self.reporter is not None and not self.history:
+            self.reporter.before_first_step(trainer, pl_module, self)
         before = self._measure(trainer, pl_module, batches)
         if self.dense_metric is None:
             self.dense_metric = before["value"]
         start = time.perf_counter()
         current = {unit.name: pruned_channels(pl_module, unit) for unit in self.units}
-        scores = {
-            unit.name: self.scorer.score(pl_module, unit, batches, current[unit.name])
-            for unit in self._progress(self.units, trainer)
-        }
-        scores = _mean_over_ranks(trainer, scores, _samples(batches))
-        # Every process applies rank zero's plan: rounding can never make them disagree.
-        plan = _from_rank_zero(trainer, self._plan(target, current, scores))
+        # Rounds re-estimate the BatchNorm statistics of every channel: what a roll-back
+        # gives back must be saved before the first round, for every channel in play.
+        saved = (
+            {unit.name: channel_state(pl_module, unit, ~current[unit.name]) for unit in self.units}
+            if _judges_steps(self.schedule)
+            else None
+        )
+        with self._progress(trainer, self.rounds.remaining(pl_module, target)) as progress:
+            scores = self.rounds.prune(
+                pl_module,
+                batches,
+                target,
+                self._recalibration_inputs(trainer, pl_module),
+                combine=lambda scores: _mean_over_ranks(trainer, scores, _samples(batches)),
+                # Every process applies rank zero's plan: rounding can never make them disagree.
+                agree=lambda plan: _from_rank_zero(trainer, plan),
+                after_recalibration=lambda: _mean_statistics_over_ranks(trainer, pl_module),
+                progress=progress.update,
+            )
         seconds = _max_over_ranks(trainer, time.perf_counter() - start)
-        if _judges_steps(self.schedule):
+        if saved is not None:
+            plan = {u.name: pruned_channels(pl_module, u) & ~current[u.name] for u in self.units}
             self._unjudged = {
                 "masks": {name: pruned.tolist() for name, pruned in current.items()},
                 "pruned": {name: pruned.tolist() for name, pruned in plan.items()},
                 "state": {
-                    unit.name: channel_state(pl_module, unit, plan[unit.name])
-                    for unit in self.units
+                    name: _restrict(saved[name], ~current[name], plan[name]) for name in plan
                 },
                 "target": self.history[-1]["target_sparsity"] if self.history else 0.0,
             }
-        for unit in self.units:
-            if plan[unit.name].any():
-                prune_channels(pl_module, unit, current[unit.name] | plan[unit.name])
         after = self._measure(trainer, pl_module, batches)
         self._record(trainer, pl_module, target, scores, before, after, seconds)
 
-    def _progress(self, units: list[PrunableUnit], trainer: lightning.Trainer) -> Iterable:
-        """The units, with a progress bar when the trainer shows one."""
+    def _recalibration_inputs(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> list[Tensor]:
+        """Training inputs to re-estimate the BatchNorm statistics on (none if switched off)."""
+        if self.recalibrate == 0 or not batchnorms(pl_module):
+            return []
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise ValueError(
+                f"recalibrate={self.recalibrate} needs the trainer's training loader, and it "
+                "has none; pass recalibrate=0 to keep the BatchNorm statistics as they are"
+            )
+        inputs = []
+        for batch in islice(loader, self.recalibrate):
+            batch_inputs, _ = self.batch_transform(batch)
+            inputs.append(batch_inputs.to(pl_module.device))
+        return inputs
+
+    def _progress(self, trainer: lightning.Trainer, total: int) -> tqdm:
+        """A progress bar over the channels to remove, when the trainer shows one."""
         return tqdm(
-            units,
-            desc=f"Scoring channels ({self.scorer.name})",
-            unit="unit",
+            total=total,
+            desc=f"Pruning channels ({self.scorer.name})",
+            unit="channel",
             leave=False,
             disable=trainer.progress_bar_callback is None or not trainer.is_global_zero,
         )
-
-    def _plan(
-        self, target: float, current: dict[str, Tensor], scores: dict[str, ChannelScores]
-    ) -> dict[str, Tensor]:
-        """Which channels to prune now, per unit: the lowest scores up to the target."""
-        plan = {name: torch.zeros_like(pruned) for name, pruned in current.items()}
-        if self.scope == "layer":
-            for unit in self.units:
-                wanted = self._channels_to_prune(unit.n_channels, target)
-                cap = unit.n_channels - self.min_channels
-                new = min(wanted, cap) - int(current[unit.name].sum())
-                order = _ascending_unpruned(scores[unit.name].values)
-                plan[unit.name][order[: max(new, 0)]] = True
-            return plan
-        total = sum(unit.n_channels for unit in self.units)
-        already = sum(int(pruned.sum()) for pruned in current.values())
-        needed = self._channels_to_prune(total, target) - already
-        candidates = sorted(
-            (float(scores[unit.name].values[c]), unit.name, c)
-            for unit in self.units
-            for c in _ascending_unpruned(scores[unit.name].values).tolist()
-        )
-        left = {unit.name: unit.n_channels - int(current[unit.name].sum()) for unit in self.units}
-        for _, name, channel in candidates:
-            if needed <= 0:
-                break
-            if left[name] > self.min_channels:
-                plan[name][channel] = True
-                left[name] -= 1
-                needed -= 1
-        return plan
 
     def _measure(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, batches: list[Batch]
@@ -356,7 +434,7 @@ class ShapleyPruning(Callback):
         with scoring_mode(pl_module):
             logits = torch.cat([pl_module(x) for x, _ in batches]).unsqueeze(0)
         targets = torch.cat([y for _, y in batches])
-        local = torch.stack([self._value_fn(logits, targets)[0], accuracy(logits, targets)[0]])
+        local = torch.stack([self.value_function(logits, targets)[0], accuracy(logits, targets)[0]])
         value, correct = _weighted_mean_over_ranks(trainer, local.double().cpu(), len(targets))
         return {"value": float(value), "accuracy": float(correct)}
 
@@ -455,6 +533,55 @@ class ShapleyPruning(Callback):
         # The numbers agree on every process already; sync_dist keeps Lightning's epoch-level
         # reduction consistent with that (and keeps them usable as a monitor on every rank).
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
+        if self.reporter is not None:
+            self.reporter.after_step(pl_module.trainer, pl_module, self, entry)
+
+    @override
+    def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        """Writes the export artifacts, then draws the run's figures and logs its charts."""
+        if self.export:
+            # trainer.log_dir is broadcast under DDP: every process asks, rank zero writes.
+            directory = self.export_dir or Path(trainer.log_dir or trainer.default_root_dir)
+            if trainer.is_global_zero:
+                self._write_artifacts(trainer, pl_module, directory / "export")
+        if self.reporter is not None and self.history:
+            self.reporter.on_fit_end(trainer, pl_module, self)
+
+    def _write_artifacts(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, directory: Path
+    ) -> None:
+        """The compact (and other) files, with their sizes and latency sent to the loggers."""
+        self.artifacts = export_artifacts(
+            pl_module,
+            self.scoring_batches[0][0],
+            directory,
+            self.export,
+            batches=self.scoring_batches,
+        )
+        metrics = {}
+        for artifact in self.artifacts:
+            numbers = {
+                "size_bytes": artifact.size_bytes,
+                "latency_ms": artifact.latency_ms,
+                "parameters": artifact.parameters,
+                "accuracy": artifact.accuracy,
+            }
+            metrics |= {
+                f"export/{artifact.format}/{key}": float(number)
+                for key, number in numbers.items()
+                if number is not None
+            }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.reporter is not None:
+            dense = sum(
+                t.numel() * t.element_size()
+                for name, t in pl_module.state_dict().items()
+                if not name.endswith("_mask")
+            )
+            sizes = {"masked (dense shapes)": dense}
+            sizes |= {artifact.format: artifact.size_bytes for artifact in self.artifacts}
+            self.reporter.add_sizes(sizes)
 
     @override
     def teardown(
@@ -533,6 +660,16 @@ def _check_schedule(
         )
 
 
+def _is_int(number: object) -> bool:
+    return isinstance(number, int) and not isinstance(number, bool)
+
+
+def _restrict(state: dict[str, Tensor], saved: Tensor, wanted: Tensor) -> dict[str, Tensor]:
+    """The part of a ``channel_state`` of the ``saved`` channels that holds ``wanted``."""
+    rows = wanted[saved.nonzero().flatten()]
+    return {key: tensor[rows] for key, tensor in state.items()}
+
+
 def _judges_steps(schedule: PruningSchedule) -> bool:
     """Whether the schedule judges each step by the metric after it (``UntilDrop``)."""
     return callable(getattr(schedule, "record", None))
@@ -540,12 +677,6 @@ def _judges_steps(schedule: PruningSchedule) -> bool:
 
 def _flags(values: list[bool]) -> Tensor:
     return torch.tensor(values, dtype=torch.bool)
-
-
-def _ascending_unpruned(values: Tensor) -> Tensor:
-    """Indices of the channels still in play (finite score), lowest score first."""
-    order = torch.argsort(values.nan_to_num(nan=math.inf), stable=True)
-    return order[: int(torch.isfinite(values).sum())]
 
 
 def _effective_parameters(module: torch.nn.Module) -> int:
@@ -647,6 +778,16 @@ def _mean_over_ranks(
             names, mean_values.split(sizes), mean_stderr.split(sizes), evaluations, strict=True
         )
     }
+
+
+def _mean_statistics_over_ranks(
+    trainer: lightning.Trainer, pl_module: lightning.LightningModule
+) -> None:
+    """Averages the re-estimated BatchNorm statistics over the processes, so they agree."""
+    if trainer.world_size == 1:
+        return
+    for buffer in statistic_buffers(pl_module):
+        buffer.copy_(trainer.strategy.reduce(buffer, reduce_op="mean"))
 
 
 def _from_rank_zero(trainer: lightning.Trainer, plan: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ loads into a fresh model of the same class.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -346,6 +347,23 @@ def pruned_channels(model: nn.Module, unit: Unit) -> Tensor:
         ValueError: the unit does not fit the model (see :func:`prune_channels`).
     """
     return _pruned_from_masks(_coupled_parameters(model, unit), unit.n_channels)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of a model, masked or not.
+
+    ``torch.nn.utils.prune`` (and ``weight_norm``) keep the effective weight as a plain
+    attribute computed from parameters; after a forward pass with gradients it is a
+    non-leaf tensor, which ``copy.deepcopy`` refuses. The copy gets a detached clone of
+    it instead (its hooks recompute it at the next forward pass).
+    """
+    memo = {
+        id(value): value.detach().clone()
+        for module in model.modules()
+        for value in (*vars(module).values(), *module._buffers.values())
+        if isinstance(value, Tensor) and value.grad_fn is not None
+    }
+    return copy.deepcopy(model, memo)
 
 
 def make_permanent(model: nn.Module) -> None:

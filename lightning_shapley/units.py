@@ -33,7 +33,6 @@ Rules, in the order they apply to each coupled group:
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
+
+from lightning_shapley.masking import copy_model
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -255,17 +256,8 @@ def traceable_copy(model: nn.Module) -> nn.Module:
     """A deep copy to trace: tracing switches it to eval mode and runs a forward pass."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model is a {type(model).__name__}; find_units needs an nn.Module")
-    # torch.nn.utils.prune (and weight_norm) keep the effective weight as a plain attribute
-    # computed from parameters; after a forward with gradients it is a non-leaf tensor,
-    # which deepcopy refuses. The copy gets a detached clone (its hooks recompute it).
-    memo = {
-        id(value): value.detach().clone()
-        for module in model.modules()
-        for value in (*vars(module).values(), *module._buffers.values())
-        if isinstance(value, Tensor) and value.grad_fn is not None
-    }
     try:
-        replica = copy.deepcopy(model, memo)
+        replica = copy_model(model)
     except Exception as error:
         raise ValueError(
             f"find_units traces a deep copy of {type(model).__name__}, and copying it failed "

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_shapley import ChannelGame
 from lightning_shapley.callback import ShapleyPruning
 from lightning_shapley.data import DigitsDataModule
+from lightning_shapley.export import load_compact
 from lightning_shapley.masking import channel_state, prune_channels, pruned_channels
 from lightning_shapley.models import DigitsCNN, ImageClassifier
 from lightning_shapley.schedule import UntilDrop
@@ -109,7 +110,10 @@ def test_pruning_on_schedule_keeps_channels_zero_through_fine_tuning(
 ) -> None:
     module = make_module()
     scorer = RecordingScorer(num_permutations=8)
-    pruning = ShapleyPruning(amount=0.5, epochs=[1, 2, 3], scorer=scorer)
+    # One scoring per unit and step (no rounds), so each call can be matched to its step.
+    pruning = ShapleyPruning(
+        amount=0.5, epochs=[1, 2, 3], scorer=scorer, removal_step=None, interleave=False
+    )
     callbacks = [pruning, SaveRankState(tmp_path)]
     options = DDP if processes > 1 else {}
     trainer = make_trainer(tmp_path, 5, callbacks, enable_checkpointing=False, **options)
@@ -185,6 +189,74 @@ def test_pruning_on_schedule_keeps_channels_zero_through_fine_tuning(
     assert float(rows[-1]["pruning/sparsity"]) == pytest.approx(
         sum(n // 2 for n in CHANNELS) / sum(CHANNELS)
     )
+
+
+@pytest.mark.parametrize("processes", [pytest.param(1, id="single"), pytest.param(2, id="ddp")])
+def test_default_rounds_remove_one_channel_at_a_time_and_agree_across_processes(
+    tmp_path: Path, processes: int
+) -> None:
+    pruning = ShapleyPruning(amount=0.5, epochs=[0, 1])
+    options = DDP if processes > 1 else {}
+    trainer = make_trainer(
+        tmp_path, 2, [pruning, SaveRankState(tmp_path)], enable_checkpointing=False, **options
+    )
+    trainer.fit(make_module(), datamodule=DigitsDataModule(batch_size=64))
+
+    states = rank_states(tmp_path)
+    for other in states[1:]:
+        for name, mask in states[0]["masks"].items():
+            assert torch.equal(other["masks"][name], mask)
+    first = states[0]["history"][0]
+    # Cubic ramp, first of two steps: 7 of 16 and 14 of 32 channels, one per round, each
+    # round scoring every survivor alone and the whole unit (the band at depth 1, exactly).
+    assert first["target_sparsity"] == pytest.approx(0.4375)
+    removed = {name: sum(mask) for name, mask in first["masks"].items()}
+    assert removed == {"net.features.0": 7, "net.features.3": 7, "net.features.7": 14}
+    per_process = sum(
+        sum(n - k + 1 for k in range(removed[name]))
+        for name, n in zip(UNITS, CHANNELS, strict=True)
+    )
+    assert first["evaluations"] == per_process * processes
+    # The removed channels keep the value they were removed on.
+    for name, mask in first["masks"].items():
+        values = as_tensor(first["values"][name])
+        assert torch.isfinite(values[torch.tensor(mask)]).all()
+    last = states[0]["history"][-1]
+    assert {name: sum(mask) for name, mask in last["masks"].items()} == {
+        name: n // 2 for name, n in zip(UNITS, CHANNELS, strict=True)
+    }
+
+
+def test_export_writes_a_compact_model_that_reloads_into_the_original_class(
+    tmp_path: Path, digits_splits_fixture
+) -> None:
+    module = make_module()
+    pruning = ShapleyPruning(
+        amount=0.5, epochs=0, scorer="l1", export=["compact", "int8", "onnx"], reporter=False
+    )
+    trainer = make_trainer(tmp_path, 1, [pruning], enable_checkpointing=False)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+
+    assert [a.format for a in pruning.artifacts] == ["compact", "int8", "onnx"]
+    for artifact in pruning.artifacts:
+        assert artifact.path.is_file() and artifact.path.parent.name == "export"
+        assert artifact.size_bytes == artifact.path.stat().st_size
+    compact_file = pruning.artifacts[0]
+    fresh = ImageClassifier(DigitsCNN(channels=CHANNELS))  # the unmodified classes, dense
+    small = load_compact(compact_file.path, fresh)
+    assert compact_file.parameters == sum(p.numel() for p in small.parameters())
+    x, _ = digits_splits_fixture.test.tensors
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), module.eval()(x), atol=1e-5, rtol=0)
+    row = next(r for r in logged(tmp_path) if r.get("export/compact/size_bytes"))
+    assert float(row["export/compact/size_bytes"]) == compact_file.size_bytes
+    assert float(row["export/int8/latency_ms"]) > 0
+    assert 0 <= float(row["export/onnx/accuracy"]) <= 1
+
+
+def test_unknown_export_format_fails_when_built() -> None:
+    with pytest.raises(ValueError, match=r"export=\['tflite'\] is not allowed.*'compact'"):
+        ShapleyPruning(export=["tflite"])
 
 
 def test_game_value_equals_metric_of_the_masked_model(digits_splits_fixture) -> None:

@@ -1,0 +1,509 @@
+"""Quality benchmark: how good is the network each scorer leaves behind?
+
+Every prunable unit of a trained network loses the same fraction of its channels (25,
+50, 62.5 and 75%), chosen by each scorer; the BatchNorm statistics are re-estimated on
+training batches (no gradient step) and the test accuracy is measured ("one-shot"), then
+again after a fixed fine-tune of 3 epochs. Mean and standard deviation over 3 seeds
+(the seed of the network's initialisation and training, of the random scorer and of the
+Shapley sampling; the data splits stay fixed).
+
+Three networks, one of them on data the defaults were never tuned on:
+
+- ``digits-cnn``: the embedded digits CNN (Conv-BN-ReLU 32-32-64) on scikit-learn's
+  digits, train 1200 / score 200 / test 397 (the protocol of issue 6);
+- ``digits-resnet``: a residual CNN with BatchNorm (identity skips couple the channels of
+  a stage into one unit) on the same data;
+- ``signals-cnn``: a 1-D CNN on a generated data set of noisy, shifted and stretched
+  waveforms of 10 classes (made here, so nothing is downloaded).
+
+Scorers: ``shapley`` with the callback's default settings; the classic Shapley value (50
+permutations, value -loss, one ranking); L1 filter norm; BatchNorm ``|gamma|``;
+first-order Taylor; random; and greedy backward elimination (leave-one-out loss measured
+of each channel alone, one channel per round, survivors re-scored), per layer
+(all units scored on the same network each round) and interleaved (units take turns).
+
+Run ``python benchmarks/quality.py`` (about 20 minutes on 2 CPU cores; ``--quick`` for a
+smoke run). It prints markdown tables and writes ``benchmarks/results/quality.json``,
+``benchmarks/results/quality.md`` and ``benchmarks/results/quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from lightning_shapley import ShapleyPruning
+from lightning_shapley.data import digits_splits
+from lightning_shapley.game import scoring_mode
+from lightning_shapley.masking import copy_model
+from lightning_shapley.models import DigitsCNN
+from lightning_shapley.rounds import RoundPruner
+from lightning_shapley.scorers import Scorer, ShapleyScorer, resolve_scorer
+from lightning_shapley.units import find_units
+
+RESULTS = Path(__file__).parent / "results"
+SPARSITIES = (0.25, 0.5, 0.625, 0.75)
+SEEDS = (0, 1, 2)
+FINE_TUNE_EPOCHS = 3
+RECALIBRATION_BATCHES = 8
+BATCH_SIZE = 64
+TRAIN_LR = 1e-2  # Adam, for training the dense networks
+# Adam restarted at the training rate knocked the pruned residual CNN back to chance.
+FINE_TUNE_LR = 3e-3
+
+Split = tuple[Tensor, Tensor]
+
+
+@dataclass
+class Task:
+    name: str
+    make_model: Callable[[], nn.Module]
+    train: Split
+    score: Split
+    test: Split
+    epochs: int
+
+
+@dataclass
+class Method:
+    """A scorer and how its choices are applied (one ranking, or rounds)."""
+
+    name: str
+    make_scorer: Callable[[int], Scorer]
+    removal_step: int | float | None = None
+    interleave: bool = False
+
+    @property
+    def iterative(self) -> bool:
+        return self.removal_step is not None
+
+
+# --------------------------------------------------------------------------- networks
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class ResidualCNN(nn.Module):
+    """Stem 32, a residual block, max-pool, a 64-channel stage with a residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU()
+        )
+        self.block1 = ResidualBlock(32)
+        self.pool = nn.MaxPool2d(2)
+        self.widen = nn.Sequential(
+            nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+        )
+        self.block2 = ResidualBlock(64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block2(self.widen(self.pool(self.block1(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+class SignalCNN(nn.Module):
+    """Conv1d-BN-ReLU 32-32-64 with pooling, global average pooling, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((1, 32), (32, 32), (32, 64)):
+            layers += [
+                nn.Conv1d(c_in, c_out, 5, padding=2, bias=False),
+                nn.BatchNorm1d(c_out),
+                nn.ReLU(),
+                nn.MaxPool1d(2),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean(2))
+
+
+def signal_splits(length: int = 48, train: int = 2000, score: int = 200, test: int = 800):
+    """Noisy waveforms of 10 classes: a fixed random template per class, stretched,
+    shifted, scaled, on a random slope, with white and low-frequency noise."""
+    generator = np.random.default_rng(12345)
+    knots = generator.normal(size=(10, 6))
+    grid = np.linspace(0, 1, 16)
+    templates = np.stack([np.interp(grid, np.linspace(0, 1, 6), k) for k in knots])
+    total = train + score + test
+    labels = np.arange(total) % 10
+    generator.shuffle(labels)
+    signals = np.zeros((total, length), dtype=np.float32)
+    for i, label in enumerate(labels):
+        width = int(generator.integers(12, 22))
+        shape = np.interp(np.linspace(0, 1, width), grid, templates[label])
+        start = int(generator.integers(0, length - width))
+        signals[i, start : start + width] = shape * generator.uniform(0.7, 1.3)
+        slope = generator.normal(scale=0.4) * np.linspace(-1, 1, length)
+        drift = np.interp(np.arange(length), [0, length // 2, length - 1], generator.normal(size=3))
+        signals[i] += slope + 0.3 * drift + generator.normal(scale=0.25, size=length)
+    x = torch.as_tensor(signals).unsqueeze(1)
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    cuts = (train, train + score)
+    return (
+        (x[: cuts[0]], y[: cuts[0]]),
+        (x[cuts[0] : cuts[1]], y[cuts[0] : cuts[1]]),
+        (
+            x[cuts[1] :],
+            y[cuts[1] :],
+        ),
+    )
+
+
+def tasks(quick: bool) -> list[Task]:
+    digits = digits_splits(seed=0)
+    splits = (digits.train.tensors, digits.score.tensors, digits.test.tensors)
+    found = [
+        Task("digits-cnn", DigitsCNN, *splits, epochs=15),
+        Task("digits-resnet", ResidualCNN, *splits, epochs=15),
+        Task("signals-cnn", SignalCNN, *signal_splits(), epochs=20),
+    ]
+    return found[:1] if quick else found
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def leave_one_out(seed: int) -> Scorer:
+    """Greedy elimination's criterion, through the game's fast engine: the band at depth 1
+    is exactly ``LeaveOneOutScorer`` (tests/test_rounds.py checks the choices agree), which
+    prunes each channel for real and runs the whole model, 2-3x slower."""
+    return ShapleyScorer(weighting="band", depth=1, method="exact")
+
+
+def methods() -> list[Method]:
+    # The callback's defaults, whatever they are now; the scorer is built anew per seed.
+    defaults = ShapleyPruning()
+
+    def default_scorer(seed: int) -> Scorer:
+        scorer = copy.copy(defaults.scorer)
+        if isinstance(scorer, ShapleyScorer) and "seed" in scorer.options:
+            scorer.options = scorer.options | {"seed": seed}
+        return scorer
+
+    return [
+        Method("shapley (default)", default_scorer, defaults.removal_step, defaults.interleave),
+        Method(
+            "classic shapley",
+            lambda seed: resolve_scorer(
+                "shapley", seed=seed, method="permutation", num_permutations=50
+            ),
+        ),
+        Method("l1", lambda seed: resolve_scorer("l1")),
+        Method("bn_gamma", lambda seed: resolve_scorer("bn_gamma")),
+        Method("taylor", lambda seed: resolve_scorer("taylor")),
+        Method("random", lambda seed: resolve_scorer("random", seed=seed)),
+        Method("greedy per layer", leave_one_out, removal_step=1),
+        Method("greedy interleaved", leave_one_out, removal_step=1, interleave=True),
+    ]
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def batches_of(split: Split, seed: int, shuffle: bool) -> list[Split]:
+    inputs, targets = split
+    order = (
+        torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
+        if shuffle
+        else torch.arange(len(inputs))
+    )
+    return [
+        (inputs[order[i : i + BATCH_SIZE]], targets[order[i : i + BATCH_SIZE]])
+        for i in range(0, len(inputs), BATCH_SIZE)
+    ]
+
+
+def train(model: nn.Module, split: Split, epochs: int, lr: float, seed: int) -> nn.Module:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for epoch in range(epochs):
+        for inputs, targets in batches_of(split, seed * 1000 + epoch, shuffle=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, split: Split) -> float:
+    inputs, targets = split
+    with scoring_mode(model):
+        return float((model(inputs).argmax(1) == targets).double().mean())
+
+
+def run_method(task: Task, dense: nn.Module, method: Method, seed: int) -> list[dict]:
+    score = batches_of(task.score, 0, shuffle=False)
+    recalibration = [x for x, _ in batches_of(task.train, seed, shuffle=True)][
+        :RECALIBRATION_BATCHES
+    ]
+    units = find_units(dense, task.score[0][:2])
+    counter = CostCounter(method.make_scorer(seed))
+    # A ranking is computed once, on the dense network, and cut at every sparsity.
+    scorer = counter if method.iterative else RankingOnce(counter)
+    rows, model = [], copy_model(dense)
+    for sparsity in SPARSITIES:
+        if not method.iterative:
+            model = copy_model(dense)
+        pruner = RoundPruner(
+            units, scorer, removal_step=method.removal_step, interleave=method.interleave
+        )
+        pruner.prune(model, score, sparsity, recalibration)
+        one_shot = accuracy(model, task.test)
+        tuned = train(copy_model(model), task.train, FINE_TUNE_EPOCHS, FINE_TUNE_LR, seed + 100)
+        rows.append(
+            {
+                "task": task.name,
+                "method": method.name,
+                "seed": seed,
+                "sparsity": sparsity,
+                "one_shot": one_shot,
+                "fine_tuned": accuracy(tuned, task.test),
+                "evaluations": counter.evaluations,
+                "seconds": counter.seconds,
+            }
+        )
+    return rows
+
+
+class RankingOnce(Scorer):
+    """Scores each unit once (on the dense network) and answers with that ever after."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer, self.name, self.cache = scorer, scorer.name, {}
+
+    def score(self, model, unit, batches, pruned):
+        if unit.name not in self.cache:
+            self.cache[unit.name] = self.scorer.score(model, unit, batches, pruned)
+        return self.cache[unit.name]
+
+
+class CostCounter(Scorer):
+    """Adds up the evaluations and seconds of every call."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer, self.name, self.evaluations, self.seconds = scorer, scorer.name, 0, 0.0
+
+    def score(self, model, unit, batches, pruned):
+        scores = self.scorer.score(model, unit, batches, pruned)
+        self.evaluations += scores.evaluations
+        self.seconds += scores.seconds
+        return scores
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["method"], row["sparsity"]), []).append(row)
+    summary = []
+    for (task, method, sparsity), group in groups.items():
+        entry = {"task": task, "method": method, "sparsity": sparsity, "seeds": len(group)}
+        entry["same_as"] = group[0].get("same_as")
+        for key in ("one_shot", "fine_tuned", "evaluations", "seconds"):
+            values = [g[key] for g in group]
+            entry[key] = statistics.fmean(values)
+            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def markdown(summary: list[dict], dense: dict[str, list[float]]) -> str:
+    lines = []
+    for task in dict.fromkeys(s["task"] for s in summary):
+        accs = dense[task]
+        lines += [
+            f"### {task} (dense test accuracy {100 * statistics.fmean(accs):.1f}%)",
+            "",
+            "Test accuracy (%), mean ± std over seeds, at per-layer channel sparsity "
+            + " / ".join(f"{100 * s:g}%" for s in SPARSITIES)
+            + "; value evaluations and seconds spent scoring to reach the highest sparsity.",
+            "",
+            "| scorer | one-shot (BatchNorm re-estimated) | after a 3-epoch fine-tune "
+            "| evaluations | seconds |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        rows = [s for s in summary if s["task"] == task]
+        for method in dict.fromkeys(s["method"] for s in rows):
+            cells = sorted((s for s in rows if s["method"] == method), key=lambda s: s["sparsity"])
+            one_shot = " / ".join(
+                f"{100 * c['one_shot']:.1f}±{100 * c['one_shot_std']:.1f}" for c in cells
+            )
+            tuned = " / ".join(
+                f"{100 * c['fine_tuned']:.1f}±{100 * c['fine_tuned_std']:.1f}" for c in cells
+            )
+            last = cells[-1]
+            name = method if last["same_as"] is None else f"{method} (= {last['same_as']})"
+            lines.append(
+                f"| {name} | {one_shot} | {tuned} | {last['evaluations']:.0f} "
+                f"| {last['seconds']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task_names = list(dict.fromkeys(s["task"] for s in summary))
+    figure, axes = plt.subplots(
+        2, len(task_names), figsize=(4.6 * len(task_names), 7.5), squeeze=False, sharex=True
+    )
+    for column, task in enumerate(task_names):
+        rows = [s for s in summary if s["task"] == task]
+        for method in dict.fromkeys(s["method"] for s in rows):
+            cells = sorted((s for s in rows if s["method"] == method), key=lambda s: s["sparsity"])
+            x = [100 * c["sparsity"] for c in cells]
+            style = {"linewidth": 2.4} if method.startswith("shapley (default)") else {}
+            for row, key in enumerate(("one_shot", "fine_tuned")):
+                axes[row][column].errorbar(
+                    x,
+                    [100 * c[key] for c in cells],
+                    yerr=[100 * c[f"{key}_std"] for c in cells],
+                    marker="o",
+                    markersize=3,
+                    capsize=2,
+                    label=method,
+                    **style,
+                )
+        axes[0][column].set_title(f"{task}: one-shot")
+        axes[1][column].set_title(f"{task}: after {FINE_TUNE_EPOCHS}-epoch fine-tune")
+        for row in range(2):
+            axes[row][column].set_ylabel("test accuracy (%)")
+            axes[row][column].grid(alpha=0.3)
+        axes[1][column].set_xlabel("channels removed per layer (%)")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def same_computation(a: Method, b: Method, units: list, seed: int) -> bool:
+    """Whether two methods make the same choices on these units: the same exact Shapley
+    scorer, the same channels per round in every unit, the same interleaving."""
+    first, second = a.make_scorer(seed), b.make_scorer(seed)
+    if not (isinstance(first, ShapleyScorer) and isinstance(second, ShapleyScorer)):
+        return False
+    settings = ("value", "weighting", "depth", "method", "options")
+    if any(getattr(first, key) != getattr(second, key) for key in settings) or (
+        first.method != "exact" or a.interleave != b.interleave
+    ):
+        return False
+    return all(round_size(a, unit.n_channels) == round_size(b, unit.n_channels) for unit in units)
+
+
+def round_size(method: Method, n_channels: int) -> int | None:
+    step = method.removal_step
+    if step is None or isinstance(step, int):
+        return step
+    return max(1, int(step * n_channels + 1e-9))
+
+
+def measure(task: Task, seeds: tuple[int, ...]) -> tuple[list[dict], list[float]]:
+    """Every method on one task, for each seed: the rows and the dense accuracies."""
+    rows, dense = [], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = train(task.make_model(), task.train, task.epochs, TRAIN_LR, seed)
+        dense.append(accuracy(model, task.test))
+        units = find_units(model, task.score[0][:2])
+        done: dict[str, tuple[Method, list[dict]]] = {}
+        for method in methods():
+            start = time.perf_counter()
+            twin = next(
+                (m for m, _ in done.values() if same_computation(m, method, units, seed)), None
+            )
+            if twin is not None:
+                # The same choices, step by step: the rows are the twin's, not measured again.
+                found = [
+                    r | {"method": method.name, "same_as": twin.name} for r in done[twin.name][1]
+                ]
+            else:
+                found = run_method(task, model, method, seed)
+            done[method.name] = (method, found)
+            rows += found
+            print(
+                f"{task.name} seed {seed} {method.name}: "
+                + " ".join(f"{100 * r['one_shot']:.1f}/{100 * r['fine_tuned']:.1f}" for r in found)
+                + f" ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+    return rows, dense
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one task, one seed: a smoke run")
+    parser.add_argument(
+        "--task",
+        choices=[t.name for t in tasks(quick=False)],
+        help="measure only this task and save its rows (runs of several tasks in parallel, "
+        "then --report to merge them)",
+    )
+    parser.add_argument("--report", action="store_true", help="merge the saved task rows")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    seeds = SEEDS[:1] if args.quick else SEEDS
+    stem = "quality-quick" if args.quick else "quality"
+    if not args.report:
+        chosen = [t for t in tasks(args.quick) if args.task in (None, t.name)]
+        for task in chosen:
+            rows, dense = measure(task, seeds)
+            saved = {"task": task.name, "rows": rows, "dense": dense}
+            (args.out / f"{stem}-{task.name}.json").write_text(json.dumps(saved, indent=1))
+        if args.task is not None:
+            return
+    parts = [json.loads(path.read_text()) for path in sorted(args.out.glob(f"{stem}-*.json"))]
+    rows = [row for part in parts for row in part["rows"]]
+    dense = {part["task"]: part["dense"] for part in parts}
+    summary = summarize(rows)
+    table = markdown(summary, dense)
+    print(table)
+    (args.out / f"{stem}.md").write_text(table)
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "dense": dense,
+                "rows": rows,
+                "summary": summary,
+            },
+            indent=1,
+        )
+    )
+    plot(summary, args.out / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Removing channels in rounds, with the survivors re-scored in between.
+
+A score says what a channel is worth to the network as it is *now*; once some channels
+are gone, the worth of the others changes (a channel that duplicated a removed one
+becomes essential). Removing a pruning step's channels in small rounds and scoring the
+survivors again after each round follows those changes: with leave-one-out scores
+(``weighting="band", depth=1``) and one channel per round it is greedy backward
+elimination. Interleaved, the units take their turns within a round, each scored with the
+others at their current masks, so a layer sees what the layers before it gave up. After
+each round the BatchNorm statistics are re-estimated (``recalibration.py``), so the next
+scores are measured on a network whose statistics fit it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_shapley.game import Batch
+from lightning_shapley.masking import prune_channels, pruned_channels
+from lightning_shapley.recalibration import recalibrate_batchnorm
+from lightning_shapley.scorers import ChannelScores, Scorer
+from lightning_shapley.units import PrunableUnit
+
+SCOPES = ("layer", "global")
+#: The key of the one quota of a global round, shared by all units.
+_OVERALL = ""
+
+
+def channels_to_prune(n_channels: int, sparsity: float) -> int:
+    """How many of ``n_channels`` a ``sparsity`` removes (rounded down)."""
+    return math.floor(sparsity * n_channels + 1e-9)
+
+
+def check_removal_step(removal_step: object) -> None:
+    """Raises a ValueError unless ``removal_step`` is a channel count, a fraction or None."""
+    allowed = (
+        removal_step is None
+        or (_is_int(removal_step) and removal_step >= 1)
+        or (isinstance(removal_step, float) and 0.0 < removal_step < 1.0)
+    )
+    if not allowed:
+        raise ValueError(
+            f"removal_step={removal_step!r} is not allowed; use a number of channels per unit "
+            "and round (an integer of at least 1), a fraction of each unit's channels in "
+            "(0, 1), or None to remove a step's channels at once"
+        )
+
+
+@dataclass
+class RoundPruner:
+    """Prunes units to a target sparsity in rounds of scoring, removal and recalibration.
+
+    Args:
+        units: the prunable units.
+        scorer: scores a unit's surviving channels (higher is more important).
+        scope: ``"layer"`` (the target in each unit) or ``"global"`` (over all units, one
+            ranking across them).
+        min_channels: channels every unit keeps.
+        removal_step: channels a round removes from each unit (an int), a fraction of
+            each unit's channels (a float in (0, 1); with the global scope, of all units'
+            channels), or ``None`` for everything in one round.
+        interleave: the units take turns within a round, each scored after the ones
+            before it were pruned (layer scope only); otherwise all are scored on the
+            same network and pruned together.
+
+    Example:
+        >>> from lightning_shapley.scorers import L1Scorer
+        >>> from lightning_shapley.units import find_units
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> units = find_units(net, torch.randn(2, 4))
+        >>> pruner = RoundPruner(units, L1Scorer(), removal_step=2)
+        >>> batches = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+        >>> _ = pruner.prune(net, batches, target=0.5)
+        >>> int(pruned_channels(net, units[0]).sum())
+        4
+    """
+
+    units: Sequence[PrunableUnit]
+    scorer: Scorer
+    scope: str = "layer"
+    min_channels: int = 1
+    removal_step: int | float | None = None
+    interleave: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r} is not known; use one of {SCOPES}")
+        check_removal_step(self.removal_step)
+        if self.interleave and self.scope == "global":
+            raise ValueError(
+                "interleave=True does not apply to scope='global', whose rounds rank all units "
+                "together; use interleave=False or scope='layer'"
+            )
+
+    def remaining(self, model: nn.Module, target: float) -> int:
+        """Channels still to remove to reach ``target`` (as far as min_channels allows)."""
+        return sum(self._quota(target, self._current(model), whole=True).values())
+
+    def prune(
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        target: float,
+        recalibration_inputs: Sequence[Tensor] = (),
+        *,
+        combine: Callable[[dict[str, ChannelScores]], dict[str, ChannelScores]] | None = None,
+        agree: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+        after_recalibration: Callable[[], None] | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> dict[str, ChannelScores]:
+        """Removes channels until every unit (or all together) reaches ``target``.
+
+        Args:
+            model: the model; its masks grow cumulatively (``masking.prune_channels``).
+            batches: the scoring batches, ``(inputs, targets)``.
+            target: the sparsity to reach.
+            recalibration_inputs: training inputs the BatchNorm statistics are
+                re-estimated on after each round; empty to leave them alone.
+            combine: turns the scores of a turn into the ones to act on (under DDP, the
+                mean over the processes).
+            agree: turns a plan into the one to apply (under DDP, rank zero's).
+            after_recalibration: called after each re-estimation (under DDP, averages the
+                statistics over the processes).
+            progress: called with the number of channels each turn removed.
+
+        Returns:
+            Each unit's latest score of every channel in this call (for a removed channel,
+            the score it was removed on; NaN for channels never scored), with the
+            evaluations and seconds of all rounds added up.
+        """
+        latest = {unit.name: _unscored(unit.n_channels) for unit in self.units}
+        current = self._current(model)
+        while True:
+            quota = self._quota(target, current, whole=self.removal_step is None)
+            busy = [u for u in self.units if quota.get(u.name, quota.get(_OVERALL, 0)) > 0]
+            if not busy:
+                break
+            removed = 0
+            for turn in [[unit] for unit in busy] if self.interleave else [busy]:
+                scores = {
+                    unit.name: self.scorer.score(model, unit, batches, current[unit.name])
+                    for unit in turn
+                }
+                if combine is not None:
+                    scores = combine(scores)
+                plan = self._plan(quota, current, scores)
+                if agree is not None:
+                    plan = agree(plan)
+                for unit in turn:
+                    new = plan[unit.name]
+                    if new.any():
+                        current[unit.name] = current[unit.name] | new
+                        prune_channels(model, unit, current[unit.name])
+                    latest[unit.name] = _merged(latest[unit.name], scores[unit.name])
+                turn_removed = sum(int(new.sum()) for new in plan.values())
+                removed += turn_removed
+                if progress is not None:
+                    progress(turn_removed)
+            recalibrated = bool(recalibration_inputs) and bool(
+                recalibrate_batchnorm(model, recalibration_inputs)
+            )
+            if recalibrated and after_recalibration is not None:
+                after_recalibration()
+            if removed == 0:
+                break  # min_channels holds every unit back: nothing more can go
+        return latest
+
+    def _current(self, model: nn.Module) -> dict[str, Tensor]:
+        return {unit.name: pruned_channels(model, unit) for unit in self.units}
+
+    def _quota(self, target: float, current: dict[str, Tensor], whole: bool) -> dict[str, int]:
+        """Channels the next round removes: per unit, or overall (key ``_OVERALL``)."""
+        if self.scope == "global":
+            total = sum(unit.n_channels for unit in self.units)
+            left = channels_to_prune(total, target) - sum(int(p.sum()) for p in current.values())
+            room = sum(
+                unit.n_channels - self.min_channels - int(current[unit.name].sum())
+                for unit in self.units
+            )
+            left = min(left, room)
+            step = left if whole else self._round_size(total, len(self.units))
+            return {_OVERALL: max(min(step, left), 0)}
+        quota = {}
+        for unit in self.units:
+            wanted = min(
+                channels_to_prune(unit.n_channels, target), unit.n_channels - self.min_channels
+            )
+            left = wanted - int(current[unit.name].sum())
+            step = left if whole else self._round_size(unit.n_channels, 1)
+            quota[unit.name] = max(min(step, left), 0)
+        return quota
+
+    def _round_size(self, n_channels: int, n_units: int) -> int:
+        """Channels one round removes from ``n_channels`` belonging to ``n_units`` units."""
+        if isinstance(self.removal_step, int):
+            return self.removal_step * n_units
+        return max(1, math.floor(self.removal_step * n_channels + 1e-9))
+
+    def _plan(
+        self, quota: dict[str, int], current: dict[str, Tensor], scores: dict[str, ChannelScores]
+    ) -> dict[str, Tensor]:
+        """Which of the scored units' channels go now: the lowest scores, up to the quota."""
+        plan = {name: torch.zeros_like(current[name]) for name in scores}
+        if _OVERALL not in quota:
+            for name, unit_scores in scores.items():
+                plan[name][ascending_unpruned(unit_scores.values)[: quota[name]]] = True
+            return plan
+        needed = quota[_OVERALL]
+        candidates = sorted(
+            (float(unit_scores.values[c]), name, c)
+            for name, unit_scores in scores.items()
+            for c in ascending_unpruned(unit_scores.values).tolist()
+        )
+        left = {name: len(current[name]) - int(current[name].sum()) for name in scores}
+        for _, name, channel in candidates:
+            if needed <= 0:
+                break
+            if left[name] > self.min_channels:
+                plan[name][channel] = True
+                left[name] -= 1
+                needed -= 1
+        return plan
+
+
+def ascending_unpruned(values: Tensor) -> Tensor:
+    """Indices of the channels still in play (finite score), lowest score first."""
+    order = torch.argsort(values.nan_to_num(nan=math.inf), stable=True)
+    return order[: int(torch.isfinite(values).sum())]
+
+
+def _is_int(number: object) -> bool:
+    return isinstance(number, int) and not isinstance(number, bool)
+
+
+def _unscored(n_channels: int) -> ChannelScores:
+    nan = torch.full((n_channels,), math.nan, dtype=torch.float64)
+    return ChannelScores(nan, nan.clone(), 0, 0.0)
+
+
+def _merged(earlier: ChannelScores, later: ChannelScores) -> ChannelScores:
+    """Each channel's latest score; evaluations and seconds add up."""
+    scored = ~later.values.isnan()
+    return ChannelScores(
+        torch.where(scored, later.values, earlier.values),
+        torch.where(scored, later.stderr, earlier.stderr),
+        earlier.evaluations + later.evaluations,
+        earlier.seconds + later.seconds,
+    )
