@@ -84,6 +84,7 @@ class Method:
     make_scorer: Callable[[int], Scorer]
     removal_step: int | float | None = None
     interleave: bool = False
+    recalibrate_each_turn: bool = True
 
     @property
     def iterative(self) -> bool:
@@ -222,7 +223,14 @@ def methods() -> list[Method]:
         Method("taylor", lambda seed: resolve_scorer("taylor")),
         Method("random", lambda seed: resolve_scorer("random", seed=seed)),
         Method("greedy per layer", leave_one_out, removal_step=1),
-        Method("greedy interleaved", leave_one_out, removal_step=1, interleave=True),
+        # As measured in DESIGN.md: BatchNorm re-estimated after each round.
+        Method(
+            "greedy interleaved",
+            leave_one_out,
+            removal_step=1,
+            interleave=True,
+            recalibrate_each_turn=False,
+        ),
     ]
 
 
@@ -273,7 +281,11 @@ def run_method(task: Task, dense: nn.Module, method: Method, seed: int) -> list[
         if not method.iterative:
             model = copy_model(dense)
         pruner = RoundPruner(
-            units, scorer, removal_step=method.removal_step, interleave=method.interleave
+            units,
+            scorer,
+            removal_step=method.removal_step,
+            interleave=method.interleave,
+            recalibrate_each_turn=method.recalibrate_each_turn,
         )
         pruner.prune(model, score, sparsity, recalibration)
         one_shot = accuracy(model, task.test)
@@ -415,7 +427,9 @@ def same_computation(a: Method, b: Method, units: list, seed: int) -> bool:
         return False
     settings = ("value", "weighting", "depth", "method", "options")
     if any(getattr(first, key) != getattr(second, key) for key in settings) or (
-        first.method != "exact" or a.interleave != b.interleave
+        first.method != "exact"
+        or a.interleave != b.interleave
+        or a.recalibrate_each_turn != b.recalibrate_each_turn
     ):
         return False
     return all(round_size(a, unit.n_channels) == round_size(b, unit.n_channels) for unit in units)
@@ -428,8 +442,11 @@ def round_size(method: Method, n_channels: int) -> int | None:
     return max(1, int(step * n_channels + 1e-9))
 
 
-def measure(task: Task, seeds: tuple[int, ...]) -> tuple[list[dict], list[float]]:
-    """Every method on one task, for each seed: the rows and the dense accuracies."""
+def measure(
+    task: Task, seeds: tuple[int, ...], only: set[str] | None = None
+) -> tuple[list[dict], list[float]]:
+    """The methods (all, or those named in ``only``) on one task, for each seed: the rows
+    and the dense accuracies."""
     rows, dense = [], []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -438,6 +455,8 @@ def measure(task: Task, seeds: tuple[int, ...]) -> tuple[list[dict], list[float]
         units = find_units(model, task.score[0][:2])
         done: dict[str, tuple[Method, list[dict]]] = {}
         for method in methods():
+            if only is not None and method.name not in only:
+                continue
             start = time.perf_counter()
             twin = next(
                 (m for m, _ in done.values() if same_computation(m, method, units, seed)), None
@@ -470,6 +489,12 @@ def main() -> None:
         "then --report to merge them)",
     )
     parser.add_argument("--report", action="store_true", help="merge the saved task rows")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="measure only these methods and replace their rows in the saved ones (the "
+        "dense networks are trained again and must match the saved accuracies)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -478,13 +503,21 @@ def main() -> None:
     if not args.report:
         chosen = [t for t in tasks(args.quick) if args.task in (None, t.name)]
         for task in chosen:
-            rows, dense = measure(task, seeds)
+            path = args.out / f"{stem}-{task.name}.json"
+            only = None if args.methods is None else set(args.methods)
+            rows, dense = measure(task, seeds, only)
+            if only is not None:
+                saved = json.loads(path.read_text())
+                if saved["dense"] != dense:
+                    raise SystemExit(f"{task.name}: the dense networks differ from {path}")
+                rows = [r for r in saved["rows"] if r["method"] not in only] + rows
             saved = {"task": task.name, "rows": rows, "dense": dense}
-            (args.out / f"{stem}-{task.name}.json").write_text(json.dumps(saved, indent=1))
+            path.write_text(json.dumps(saved, indent=1))
         if args.task is not None:
             return
     parts = [json.loads(path.read_text()) for path in sorted(args.out.glob(f"{stem}-*.json"))]
-    rows = [row for part in parts for row in part["rows"]]
+    order = {method.name: index for index, method in enumerate(methods())}
+    rows = sorted((row for part in parts for row in part["rows"]), key=lambda r: order[r["method"]])
     dense = {part["task"]: part["dense"] for part in parts}
     summary = summarize(rows)
     table = markdown(summary, dense)

@@ -138,6 +138,26 @@ def test_rounds_remove_the_step_in_small_steps_and_report_every_evaluation(
     assert pruner.remaining(model, 0.5) == 0
 
 
+@pytest.mark.parametrize(("each_turn", "expected"), [(True, 2 * 3), (False, 2)])
+def test_statistics_are_re_estimated_after_every_turn_or_every_round(
+    trained_cnn, score_batches, train_inputs, each_turn, expected
+):
+    units = find_units(trained_cnn, score_batches[0][0][:2])
+    model = copy_model(trained_cnn)
+    calls = []
+    pruner = RoundPruner(
+        units,
+        resolve_scorer("l1"),
+        removal_step=0.25,
+        interleave=True,
+        recalibrate_each_turn=each_turn,
+    )
+    pruner.prune(
+        model, score_batches, 0.5, train_inputs, after_recalibration=lambda: calls.append(1)
+    )
+    assert len(calls) == expected  # two rounds of three turns
+
+
 def test_global_rounds_respect_min_channels(trained_cnn, score_batches):
     units = find_units(trained_cnn, score_batches[0][0][:2])
     model = copy_model(trained_cnn)
