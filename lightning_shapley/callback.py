@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from lightning_shapley.export import EXPORT_FORMATS, Artifact, export_artifacts
+from lightning_shapley.export import Artifact, check_formats, export_artifacts
 from lightning_shapley.game import Batch, scoring_mode
 from lightning_shapley.masking import (
     channel_state,
@@ -233,11 +233,7 @@ class ShapleyPruning(Callback):
             )
         #: Draws the figures and logs the W&B charts of the run (None: no reporting).
         self.reporter = PruningReporter() if reporter is True else reporter or None
-        if isinstance(export, str) or any(f not in EXPORT_FORMATS for f in export):
-            raise ValueError(
-                f"export={export!r} is not allowed; use a list of formats from {EXPORT_FORMATS}"
-            )
-        self.export = tuple(export)
+        self.export = check_formats(export, setting="export") if export else ()
         self.export_dir = None if export_dir is None else Path(export_dir)
         #: What ``export`` wrote when fit ended (on global rank zero).
         self.artifacts: list[Artifact] = []

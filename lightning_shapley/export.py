@@ -846,7 +846,7 @@ def export_artifacts(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model is a {type(model).__name__}; export_artifacts needs an nn.Module")
-    chosen = _checked_formats(formats)
+    chosen = check_formats(formats)
     pairs = None if batches is None else _checked_batches(batches)
     args = checked_example_inputs(example_inputs)
     if "onnx" in chosen:
@@ -893,23 +893,28 @@ def export_artifacts(
     return artifacts
 
 
-def _checked_formats(formats: object) -> tuple[str, ...]:
+def check_formats(formats: object, setting: str = "formats") -> tuple[str, ...]:
+    """The export formats asked for, checked: a non-empty sequence of :data:`EXPORT_FORMATS`.
+
+    Raises:
+        ValueError: naming ``setting``, the bad value and the allowed formats.
+    """
     allowed = ", ".join(repr(name) for name in EXPORT_FORMATS)
     if isinstance(formats, str) or not isinstance(formats, Iterable):
         raise ValueError(
-            f"formats={formats!r} is not a sequence of formats; give a list such as "
+            f"{setting}={formats!r} is not a sequence of formats; give a list such as "
             f"[{formats!r}], of {allowed}"
         )
     chosen = list(formats)
     bad = [name for name in chosen if name not in EXPORT_FORMATS]
     if bad:
         raise ValueError(
-            f"formats: {', '.join(repr(name) for name in bad)} "
+            f"{setting}: {', '.join(repr(name) for name in bad)} "
             f"{'is not an export format' if len(bad) == 1 else 'are not export formats'}; "
             f"allowed: {allowed}"
         )
     if not chosen:
-        raise ValueError(f"formats is empty; choose at least one of {allowed}")
+        raise ValueError(f"{setting} is empty; choose at least one of {allowed}")
     return tuple(dict.fromkeys(chosen))
 
 

@@ -167,20 +167,14 @@ def _describe(error: BaseException) -> str:
 
 
 def _check_export(formats: Any) -> None:
-    allowed = getattr(export, "EXPORT_FORMATS", ("compact",))
-    if formats is None:
+    """An empty or null ``export`` writes nothing; anything else must name known formats."""
+    if not formats:
         return
-    if not OmegaConf.is_list(formats):
-        raise SettingError(
-            f"export={formats!r} is not a list; use a list of {allowed}, e.g. [compact]"
-        )
-    listed = list(formats)
-    unknown = [f for f in listed if f not in allowed]
-    if unknown:
-        raise SettingError(
-            f"export={listed}: {unknown} {'is' if len(unknown) == 1 else 'are'} not known; "
-            f"use formats of {allowed}"
-        )
+    listed = list(formats) if OmegaConf.is_list(formats) else formats
+    try:
+        export.check_formats(listed, setting="export")
+    except ValueError as error:
+        raise SettingError(str(error)) from None
 
 
 def _set_threads(threads: int | None) -> None:

@@ -119,7 +119,7 @@ def test_known_keys_pass_the_check(argv: list[str]) -> None:
         ("pruning.amount=2", "pruning: amount=2 is not allowed; it must lie in [0, 1)"),
         ("pruning.scorer=foo", "pruning: scorer='foo' is not known; use one of ('shapley'"),
         ("model.net.channels=[4]", "model.net: channels=(4,) must hold at least two"),
-        ("export=[pdf]", "export=['pdf']: ['pdf'] is not known; use formats of ('compact'"),
+        ("export=[pdf]", "export: 'pdf' is not an export format; allowed: 'compact'"),
         ("pruning.layers=[net.nope]", "'net.nope' is not a producer of a prunable unit"),
         ("pruning.epochs=[1,9]", "has an epoch beyond max_epochs=4"),
         ("pruning.amout=0.3", "did you mean pruning.amount?"),
