@@ -126,7 +126,8 @@ class RoundPruner:
             batches: the scoring batches, ``(inputs, targets)``.
             target: the sparsity to reach.
             recalibration_inputs: training inputs the BatchNorm statistics are
-                re-estimated on after each round; empty to leave them alone.
+                re-estimated on after each turn (see ``recalibrate_each_turn``); empty to
+                leave them alone.
             combine: turns the scores of a turn into the ones to act on (under DDP, the
                 mean over the processes).
             agree: turns a plan into the one to apply (under DDP, rank zero's).

@@ -388,10 +388,21 @@ def masks_of(entry: dict) -> dict[str, torch.Tensor]:
     return {name: torch.tensor(mask) for name, mask in entry["masks"].items()}
 
 
-def test_until_drop_rolls_back_the_step_that_broke_the_tolerance(tmp_path: Path) -> None:
+# One ranking a step, statistics left alone: the 0.75 step breaks the tolerance. The
+# defaults (rounds, statistics re-estimated) reach 0.5 and break it there.
+ONE_RANKING = {"removal_step": None, "recalibrate": 0}
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "steps"), [pytest.param(ONE_RANKING, 3, id="one-ranking"), ({}, 2)]
+)
+def test_until_drop_rolls_back_the_step_that_broke_the_tolerance(
+    tmp_path: Path, pipeline: dict, steps: int
+) -> None:
     module = make_module()
-    pruning = ShapleyPruning(schedule=until_drop(), scorer="l1")
-    before, after = UnitStateAt(5), UnitStateAt(6)
+    pruning = ShapleyPruning(schedule=until_drop(), scorer="l1", **pipeline)
+    last = 3 + steps - 1  # the epoch of the step that broke the tolerance
+    before, after = UnitStateAt(last), UnitStateAt(last + 1)
     trainer = make_trainer(
         tmp_path, 8, [before, pruning, after], enable_checkpointing=False, limit_train_batches=None
     )
@@ -399,20 +410,19 @@ def test_until_drop_rolls_back_the_step_that_broke_the_tolerance(tmp_path: Path)
 
     assert trainer.current_epoch == 8  # every epoch ran
     history = pruning.history
+    final = 0.25 * (steps - 1)
+    # Judged at the end of the next epoch, which rolls back; later epochs prune nothing.
     assert [(e["epoch"], e["target_sparsity"], e["rolled_back"]) for e in history] == [
-        (3, 0.25, False),
-        (4, 0.5, False),
-        (5, 0.75, False),
-        (6, 0.5, True),  # judged at the end of epoch 6; epoch 7 prunes nothing
-    ]
-    assert pruning.schedule.stopped and pruning.schedule.final_amount == 0.5
+        (3 + k, 0.25 * (k + 1), False) for k in range(steps)
+    ] + [(last + 1, final, True)]
+    assert pruning.schedule.stopped and pruning.schedule.final_amount == final
     assert pruning.dense_metric == history[0]["value_before"]
     rollback = history[-1]
     assert rollback["value_before"] < pruning.dense_metric - TOLERANCE  # what broke it
     assert rollback["dense_metric"] == pruning.dense_metric
     assert rollback["sparsity"] == pruning.schedule.final_amount
     # The masks are those before the rolled-back step, through the last epoch's fine-tuning.
-    restored = masks_of(history[1])
+    restored = masks_of(history[steps - 2])
     for unit in pruning.units:
         pruned = pruned_channels(module, unit)
         assert torch.equal(pruned, restored[unit.name])
@@ -421,20 +431,20 @@ def test_until_drop_rolls_back_the_step_that_broke_the_tolerance(tmp_path: Path)
         assert (module.get_submodule(UNITS[unit.name]).bias[pruned] == 0).all()
     assert all(torch.equal(masks_of(rollback)[n], m) for n, m in restored.items())
     # The channels the step pruned came back with their weights and statistics before it.
-    dropped = masks_of(history[2])
+    dropped = masks_of(history[steps - 1])
     assert_revived_as_before(before, after, {n: dropped[n] & ~m for n, m in restored.items()})
 
     rows = [row for row in logged(tmp_path) if row.get("pruning/rolled_back")]
-    assert [float(row["pruning/rolled_back"]) for row in rows] == [0, 0, 0, 1]
-    assert float(rows[-1]["pruning/sparsity"]) == 0.5
+    assert [float(row["pruning/rolled_back"]) for row in rows] == [0] * steps + [1]
+    assert float(rows[-1]["pruning/sparsity"]) == final
     judged = [float(row["pruning/metric"]) for row in logged(tmp_path) if row.get("pruning/metric")]
-    assert len(judged) == 3 and judged[-1] == pytest.approx(rollback["value_before"])
+    assert len(judged) == steps and judged[-1] == pytest.approx(rollback["value_before"])
 
 
 def test_until_drop_resumed_mid_search_rolls_back_the_unjudged_step(tmp_path: Path) -> None:
     first = make_module()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
-    pruning = ShapleyPruning(schedule=until_drop(), scorer="l1")
+    pruning = ShapleyPruning(schedule=until_drop(), scorer="l1", **ONE_RANKING)
     before = UnitStateAt(5)
     # Interrupted after the step to 0.75, before it is judged.
     callbacks = [before, pruning, checkpoints, StopAfter(5)]
@@ -447,7 +457,7 @@ def test_until_drop_resumed_mid_search_rolls_back_the_unjudged_step(tmp_path: Pa
     assert saved["schedule"] == {"proposed": 3, "held": 2, "last_epoch": 5, "stopped": False}
 
     module = make_module(seed=2)
-    resumed = ShapleyPruning(schedule=until_drop(), scorer="l1")
+    resumed = ShapleyPruning(schedule=until_drop(), scorer="l1", **ONE_RANKING)
     after = UnitStateAt(6)
     trainer = make_trainer(tmp_path / "resumed", 8, [resumed, after], limit_train_batches=None)
     trainer.fit(
@@ -576,7 +586,7 @@ def bad_batches() -> DataLoader:
         ({"layers": ["net.nothing"]}, r"net.nothing"),
         ({"scorer": "magic"}, r"scorer='magic' is not known"),
         ({"method": "magic"}, r"method='magic' is not known"),
-        ({"weighting": "band"}, r"depth=None is not allowed for weighting='band'"),
+        ({"weighting": "band", "depth": 0}, r"depth=0 is not allowed for weighting='band'"),
         ({"amount": 0.9, "min_channels": 4}, r"min_channels=4"),
         ({"score_dataloader": bad_batches()}, r"cannot be unpacked into \(inputs, targets\)"),
         ({"scope": "everything"}, r"scope='everything' is not known"),
