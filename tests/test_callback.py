@@ -354,55 +354,50 @@ def until_drop() -> UntilDrop:
     return UntilDrop(step=0.25, tolerance=TOLERANCE, start_epoch=3)
 
 
-class UnitStateAt(Callback):
-    """Saves every unit's tensors (``channel_state`` of all channels) at the end of ``epoch``.
+class UnitStates(Callback):
+    """Saves every unit's tensors (``channel_state`` of all channels) at each epoch's end.
 
     Placed before ``ShapleyPruning`` in the callback list it sees the model before that
     epoch's pruning; placed after, the model after it.
     """
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.saved: dict[str, dict[str, torch.Tensor]] = {}
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
 
     def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module) -> None:
-        if trainer.current_epoch != self.epoch:
-            return
         pruning = next(c for c in trainer.callbacks if isinstance(c, ShapleyPruning))
         every = {unit.name: torch.ones(unit.n_channels, dtype=torch.bool) for unit in pruning.units}
-        self.saved = {u.name: channel_state(pl_module, u, every[u.name]) for u in pruning.units}
+        self.by_epoch[trainer.current_epoch] = {
+            u.name: channel_state(pl_module, u, every[u.name]) for u in pruning.units
+        }
 
 
-def assert_revived_as_before(
-    before: UnitStateAt, after: UnitStateAt, revived: dict[str, torch.Tensor]
-) -> None:
-    """The revived channels' weights and BatchNorm statistics are those ``before`` saw."""
+def assert_revived_as_before(before: dict, after: dict, revived: dict[str, torch.Tensor]) -> None:
+    """The revived channels' weights and BatchNorm statistics are those ``before`` held."""
     assert any(channels.any() for channels in revived.values())
     for name, channels in revived.items():
-        for key, value in before.saved[name].items():
-            assert torch.equal(after.saved[name][key][channels], value[channels]), key
-            assert after.saved[name][key][channels].abs().sum() > 0, key
+        for key, value in before[name].items():
+            assert torch.equal(after[name][key][channels], value[channels]), key
+            assert after[name][key][channels].abs().sum() > 0, key
 
 
 def masks_of(entry: dict) -> dict[str, torch.Tensor]:
     return {name: torch.tensor(mask) for name, mask in entry["masks"].items()}
 
 
-# One ranking a step, statistics left alone: the 0.75 step breaks the tolerance. The
-# defaults (rounds, statistics re-estimated) reach 0.5 and break it there.
+# One ranking a step with the statistics left alone, and the defaults (rounds, statistics
+# re-estimated): the tolerance breaks at a different step, which one depends on the
+# thread count, so the test finds it in the history.
 ONE_RANKING = {"removal_step": None, "recalibrate": 0}
 
 
-@pytest.mark.parametrize(
-    ("pipeline", "steps"), [pytest.param(ONE_RANKING, 3, id="one-ranking"), ({}, 2)]
-)
+@pytest.mark.parametrize("pipeline", [pytest.param(ONE_RANKING, id="one-ranking"), {}])
 def test_until_drop_rolls_back_the_step_that_broke_the_tolerance(
-    tmp_path: Path, pipeline: dict, steps: int
+    tmp_path: Path, pipeline: dict
 ) -> None:
     module = make_module()
     pruning = ShapleyPruning(schedule=until_drop(), scorer="l1", **pipeline)
-    last = 3 + steps - 1  # the epoch of the step that broke the tolerance
-    before, after = UnitStateAt(last), UnitStateAt(last + 1)
+    before, after = UnitStates(), UnitStates()
     trainer = make_trainer(
         tmp_path, 8, [before, pruning, after], enable_checkpointing=False, limit_train_batches=None
     )
@@ -410,6 +405,9 @@ def test_until_drop_rolls_back_the_step_that_broke_the_tolerance(
 
     assert trainer.current_epoch == 8  # every epoch ran
     history = pruning.history
+    steps = len(history) - 1
+    assert steps >= 2 and history[-1]["rolled_back"]
+    last = 3 + steps - 1  # the epoch of the step that broke the tolerance
     final = 0.25 * (steps - 1)
     # Judged at the end of the next epoch, which rolls back; later epochs prune nothing.
     assert [(e["epoch"], e["target_sparsity"], e["rolled_back"]) for e in history] == [
@@ -432,7 +430,8 @@ def test_until_drop_rolls_back_the_step_that_broke_the_tolerance(
     assert all(torch.equal(masks_of(rollback)[n], m) for n, m in restored.items())
     # The channels the step pruned came back with their weights and statistics before it.
     dropped = masks_of(history[steps - 1])
-    assert_revived_as_before(before, after, {n: dropped[n] & ~m for n, m in restored.items()})
+    revived = {n: dropped[n] & ~m for n, m in restored.items()}
+    assert_revived_as_before(before.by_epoch[last], after.by_epoch[last + 1], revived)
 
     rows = [row for row in logged(tmp_path) if row.get("pruning/rolled_back")]
     assert [float(row["pruning/rolled_back"]) for row in rows] == [0] * steps + [1]
@@ -445,7 +444,7 @@ def test_until_drop_resumed_mid_search_rolls_back_the_unjudged_step(tmp_path: Pa
     first = make_module()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
     pruning = ShapleyPruning(schedule=until_drop(), scorer="l1", **ONE_RANKING)
-    before = UnitStateAt(5)
+    before = UnitStates()
     # Interrupted after the step to 0.75, before it is judged.
     callbacks = [before, pruning, checkpoints, StopAfter(5)]
     trainer = make_trainer(tmp_path, 8, callbacks, limit_train_batches=None)
@@ -458,7 +457,7 @@ def test_until_drop_resumed_mid_search_rolls_back_the_unjudged_step(tmp_path: Pa
 
     module = make_module(seed=2)
     resumed = ShapleyPruning(schedule=until_drop(), scorer="l1", **ONE_RANKING)
-    after = UnitStateAt(6)
+    after = UnitStates()
     trainer = make_trainer(tmp_path / "resumed", 8, [resumed, after], limit_train_batches=None)
     trainer.fit(
         module,
@@ -477,7 +476,8 @@ def test_until_drop_resumed_mid_search_rolls_back_the_unjudged_step(tmp_path: Pa
         assert torch.equal(pruned_channels(module, unit), restored[unit.name])
     # The checkpoint held the step's channels at zero; they came back as they were before it.
     dropped = masks_of(pruning.history[2])
-    assert_revived_as_before(before, after, {n: dropped[n] & ~m for n, m in restored.items()})
+    revived = {n: dropped[n] & ~m for n, m in restored.items()}
+    assert_revived_as_before(before.by_epoch[5], after.by_epoch[6], revived)
 
 
 def test_until_drop_under_ddp_judges_and_rolls_back_alike_on_every_process(
