@@ -97,7 +97,7 @@ class ShapleyPruning(Callback):
             ``amount`` (cubic by default); an int or ``None`` (epoch 0) for one shot.
         layers: names of the layers to prune; ``None`` for every prunable Conv/Linear
             except the output layer.
-        scorer: ``"shapley"`` | ``"l1"`` | ``"bn_gamma"`` | ``"taylor"`` | ``"random"``
+        scorer: ``"shapley"`` | ``"loo"`` | ``"l1"`` | ``"bn_gamma"`` | ``"taylor"`` | ``"random"``
             or a :class:`~lightning_shapley.scorers.Scorer`.
         value: the coalition value of the Shapley scorer: ``"loss"`` | ``"accuracy"`` |
             a torchmetrics Metric | ``fn(logits, targets)``.

@@ -2,7 +2,8 @@
 
 Every scorer returns one number per channel of a unit, higher meaning more important,
 so the callback prunes the lowest under the same schedule whatever the criterion: the
-Shapley value (the default) and the usual baselines, L1 filter norm, BatchNorm
+Shapley value (the default), leave-one-out (greedy elimination's criterion, measured by
+really pruning each channel) and the usual baselines, L1 filter norm, BatchNorm
 ``|gamma|``, first-order Taylor and random. Channels already pruned score NaN.
 """
 
