@@ -432,14 +432,14 @@ def same_computation(a: Method, b: Method, units: list, seed: int) -> bool:
         or a.recalibrate_each_turn != b.recalibrate_each_turn
     ):
         return False
-    return all(round_size(a, unit.n_channels) == round_size(b, unit.n_channels) for unit in units)
-
-
-def round_size(method: Method, n_channels: int) -> int | None:
-    step = method.removal_step
-    if step is None or isinstance(step, int):
-        return step
-    return max(1, int(step * n_channels + 1e-9))
+    sizes = [
+        [
+            RoundPruner(units, first, removal_step=m.removal_step).round_size(u.n_channels)
+            for u in units
+        ]
+        for m in (a, b)
+    ]
+    return sizes[0] == sizes[1]
 
 
 def measure(

@@ -32,7 +32,7 @@ from lightning_shapley.masking import (
 from lightning_shapley.recalibration import batchnorms, statistic_buffers
 from lightning_shapley.reporting import PruningReporter
 from lightning_shapley.rounds import SCOPES, RoundPruner, channels_to_prune
-from lightning_shapley.schedule import Decision, PruningSchedule, make_schedule
+from lightning_shapley.schedule import Decision, PruningSchedule, is_int, make_schedule
 from lightning_shapley.scorers import ChannelScores, Scorer, resolve_scorer
 from lightning_shapley.units import PrunableUnit, find_units
 from lightning_shapley.value_functions import ValueSetting, accuracy, resolve_value
@@ -188,9 +188,9 @@ class ShapleyPruning(Callback):
                 f"score_source={score_source!r} is not known; use one of {SCORE_SOURCES}"
             )
         for name, number in (("score_batches", score_batches), ("min_channels", min_channels)):
-            if not _is_int(number) or number < 1:
+            if not is_int(number) or number < 1:
                 raise ValueError(f"{name}={number!r} is not allowed; it must be a positive integer")
-        if not _is_int(recalibrate) or recalibrate < 0:
+        if not is_int(recalibrate) or recalibrate < 0:
             raise ValueError(
                 f"recalibrate={recalibrate!r} is not allowed; it must be a number of training "
                 "batches, 0 to keep the BatchNorm statistics as they are"
@@ -654,10 +654,6 @@ def _check_schedule(
             f"schedule={schedule!r} replaces amount, epochs and ramp, but got {', '.join(given)} "
             "as well; pass either schedule= or those settings"
         )
-
-
-def _is_int(number: object) -> bool:
-    return isinstance(number, int) and not isinstance(number, bool)
 
 
 def _restrict(state: dict[str, Tensor], saved: Tensor, wanted: Tensor) -> dict[str, Tensor]:

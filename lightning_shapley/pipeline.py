@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_shapley import export
@@ -407,18 +408,10 @@ def _export(
     formats = list(cfg.export or [])
     if not formats:
         return []
-    export_artifacts = getattr(export, "export_artifacts", None)
-    if export_artifacts is None:
-        log.warning("this version of lightning_shapley.export has no export_artifacts: no export")
-        return []
-    artifacts = export_artifacts(
+    artifacts = export.export_artifacts(
         module, example, directory, formats=tuple(formats), batches=batches
     )
-    fields = ("format", "path", "parameters", "size_bytes", "latency_ms", "accuracy")
-    return [
-        {f: str(getattr(a, f)) if f == "path" else getattr(a, f, None) for f in fields}
-        for a in artifacts
-    ]
+    return [dataclasses.asdict(a) | {"path": str(a.path)} for a in artifacts]
 
 
 def _log_summary(job: Job, result: dict[str, Any]) -> None:
@@ -436,6 +429,6 @@ def _log_summary(job: Job, result: dict[str, Any]) -> None:
     for logger in job.trainer.loggers:
         logger.log_metrics(metrics, step=job.trainer.global_step)
         logger.save()
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             # Ends the run: the next job of a multirun in this process starts its own.
             logger.experiment.finish()

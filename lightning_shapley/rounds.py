@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lightning_shapley.game import Batch
 from lightning_shapley.masking import prune_channels, pruned_channels
 from lightning_shapley.recalibration import recalibrate_batchnorm
+from lightning_shapley.schedule import is_int
 from lightning_shapley.scorers import ChannelScores, Scorer
 from lightning_shapley.units import PrunableUnit
 
@@ -40,7 +41,7 @@ def check_removal_step(removal_step: object) -> None:
     """Raises a ValueError unless ``removal_step`` is a channel count, a fraction or None."""
     allowed = (
         removal_step is None
-        or (_is_int(removal_step) and removal_step >= 1)
+        or (is_int(removal_step) and removal_step >= 1)
         or (isinstance(removal_step, float) and 0.0 < removal_step < 1.0)
     )
     if not allowed:
@@ -196,7 +197,7 @@ class RoundPruner:
                 for unit in self.units
             )
             left = min(left, room)
-            step = left if whole else self._round_size(total, len(self.units))
+            step = left if whole else self.round_size(total, len(self.units))
             return {_OVERALL: max(min(step, left), 0)}
         quota = {}
         for unit in self.units:
@@ -204,15 +205,20 @@ class RoundPruner:
                 channels_to_prune(unit.n_channels, target), unit.n_channels - self.min_channels
             )
             left = wanted - int(current[unit.name].sum())
-            step = left if whole else self._round_size(unit.n_channels, 1)
+            step = left if whole else self.round_size(unit.n_channels)
             quota[unit.name] = max(min(step, left), 0)
         return quota
 
-    def _round_size(self, n_channels: int, n_units: int) -> int:
-        """Channels one round removes from ``n_channels`` belonging to ``n_units`` units."""
-        if isinstance(self.removal_step, int):
-            return self.removal_step * n_units
-        return max(1, math.floor(self.removal_step * n_channels + 1e-9))
+    def round_size(self, n_channels: int, n_units: int = 1) -> int:
+        """Channels one round removes from ``n_channels`` belonging to ``n_units`` units.
+
+        With ``removal_step=None`` a round removes all of them.
+        """
+        if self.removal_step is None:
+            return n_channels
+        if isinstance(self.removal_step, float):
+            return max(1, math.floor(self.removal_step * n_channels + 1e-9))
+        return self.removal_step * n_units
 
     def _plan(
         self, quota: dict[str, int], current: dict[str, Tensor], scores: dict[str, ChannelScores]
@@ -244,10 +250,6 @@ def ascending_unpruned(values: Tensor) -> Tensor:
     """Indices of the channels still in play (finite score), lowest score first."""
     order = torch.argsort(values.nan_to_num(nan=math.inf), stable=True)
     return order[: int(torch.isfinite(values).sum())]
-
-
-def _is_int(number: object) -> bool:
-    return isinstance(number, int) and not isinstance(number, bool)
 
 
 def _unscored(n_channels: int) -> ChannelScores:

@@ -292,7 +292,7 @@ def make_schedule(
     _check_ramp(ramp)
     if epochs is None:
         return OneShot(amount)
-    if _is_int(epochs):
+    if is_int(epochs):
         return OneShot(amount, epoch=epochs)
     if isinstance(epochs, str) or not isinstance(epochs, Sequence):
         raise ValueError(
@@ -306,7 +306,8 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer (a bool is not one)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -324,7 +325,7 @@ def _check_fraction(name: str, value: float, allowed: str) -> None:
 
 
 def _check_epoch(name: str, epoch: int) -> int:
-    if not _is_int(epoch) or epoch < 0:
+    if not is_int(epoch) or epoch < 0:
         raise ValueError(f"{name}={epoch!r} is not allowed; it must be a 0-based epoch (int >= 0)")
     return int(epoch)
 
@@ -334,7 +335,7 @@ def _check_epochs(epochs: Sequence[int]) -> tuple[int, ...]:
     if isinstance(epochs, str) or not isinstance(epochs, Sequence) or len(epochs) == 0:
         raise ValueError(f"epochs={epochs!r} is not allowed; it must be {allowed}")
     for epoch in epochs:
-        if not _is_int(epoch) or epoch < 0:
+        if not is_int(epoch) or epoch < 0:
             raise ValueError(
                 f"epochs={tuple(epochs)!r} is not allowed: {epoch!r} is not a non-negative int; "
                 f"they must be {allowed}"
