@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from lightning_shapley import export, masking, units
-from lightning_shapley.data import digits_splits
-from lightning_shapley.models import DigitsCNN
+from lightning_shapley import export
+from lightning_shapley.app.data import digits_splits
+from lightning_shapley.app.models import DigitsCNN
+from lightning_shapley.pruning import masking, units
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {"digits CNN": (32, 32, 64), "wide CNN": (128, 128, 256)}

@@ -45,13 +45,13 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lightning_shapley import ShapleyPruning
-from lightning_shapley.data import digits_splits
-from lightning_shapley.game import scoring_mode
-from lightning_shapley.masking import copy_model
-from lightning_shapley.models import DigitsCNN
-from lightning_shapley.rounds import RoundPruner
-from lightning_shapley.scorers import Scorer, ShapleyScorer, resolve_scorer
-from lightning_shapley.units import find_units
+from lightning_shapley.app.data import digits_splits
+from lightning_shapley.app.models import DigitsCNN
+from lightning_shapley.pruning.masking import copy_model
+from lightning_shapley.pruning.rounds import RoundPruner
+from lightning_shapley.pruning.scorers import Scorer, ShapleyScorer, resolve_scorer
+from lightning_shapley.pruning.units import find_units
+from lightning_shapley.shapley.game import scoring_mode
 
 RESULTS = Path(__file__).parent / "results"
 SPARSITIES = (0.25, 0.5, 0.625, 0.75)

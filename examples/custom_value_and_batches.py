@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassF1Score
 
 from lightning_shapley import ShapleyPruning
-from lightning_shapley.data import digits_splits
-from lightning_shapley.models import DigitsCNN
+from lightning_shapley.app.data import digits_splits
+from lightning_shapley.app.models import DigitsCNN
 
 
 class DictDigits(Dataset):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from lightning_shapley import shapley_values
-from lightning_shapley.data import digits_splits
-from lightning_shapley.models import DigitsCNN
+from lightning_shapley.app.data import digits_splits
+from lightning_shapley.app.models import DigitsCNN
 
 
 def train(net: torch.nn.Module, epochs: int = 8) -> torch.nn.Module:

@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lightning_shapley.export import Artifact, check_formats, export_artifacts
-from lightning_shapley.game import Batch, scoring_mode
-from lightning_shapley.masking import (
+from lightning_shapley.pruning.masking import (
     channel_state,
     load_channel_state,
     make_permanent,
@@ -29,13 +28,14 @@ from lightning_shapley.masking import (
     pruned_channels,
     set_pruned_channels,
 )
-from lightning_shapley.recalibration import batchnorms, statistic_buffers
+from lightning_shapley.pruning.recalibration import batchnorms, statistic_buffers
+from lightning_shapley.pruning.rounds import SCOPES, RoundPruner, channels_to_prune
+from lightning_shapley.pruning.schedule import Decision, PruningSchedule, is_int, make_schedule
+from lightning_shapley.pruning.scorers import ChannelScores, Scorer, resolve_scorer
+from lightning_shapley.pruning.units import PrunableUnit, find_units
 from lightning_shapley.reporting import PruningReporter
-from lightning_shapley.rounds import SCOPES, RoundPruner, channels_to_prune
-from lightning_shapley.schedule import Decision, PruningSchedule, is_int, make_schedule
-from lightning_shapley.scorers import ChannelScores, Scorer, resolve_scorer
-from lightning_shapley.units import PrunableUnit, find_units
-from lightning_shapley.value_functions import ValueSetting, accuracy, resolve_value
+from lightning_shapley.shapley.game import Batch, scoring_mode
+from lightning_shapley.shapley.values import ValueSetting, accuracy, resolve_value
 
 SCORE_SOURCES = ("val", "train")
 #: Bands up to this depth are enumerated exactly by default: ``1 + n + C(n, 2)`` coalitions.
@@ -53,7 +53,7 @@ class ShapleyPruning(Callback):
 
     At the end of each epoch in the schedule, every prunable unit (a convolution or
     linear layer with what is coupled to its output channels, see
-    :func:`~lightning_shapley.units.find_units`) is scored on held-out batches, the
+    :func:`~lightning_shapley.pruning.units.find_units`) is scored on held-out batches, the
     lowest-scoring channels are masked through ``torch.nn.utils.prune`` until the unit
     reaches the schedule's sparsity, and the trainer fine-tunes the rest as usual. Masks
     are cumulative: a pruned channel stays at zero.
@@ -63,7 +63,7 @@ class ShapleyPruning(Callback):
     computed exactly), channels go a few at a time (``removal_step``) with the survivors
     re-scored in between, the units take turns (``interleave``), and the BatchNorm
     statistics are re-estimated on training batches after every round (``recalibrate``).
-    See :mod:`lightning_shapley.rounds`.
+    See :mod:`lightning_shapley.pruning.rounds`.
 
     Under DDP every process scores on its own scoring batches (every ``world_size``-th
     batch of the loader, ``score_batches`` each), with the same random permutations; the
@@ -74,7 +74,7 @@ class ShapleyPruning(Callback):
     spawned processes (the logged ``pruning/*`` metrics reach the logger as usual).
 
     **Critical threshold.** With ``schedule=UntilDrop(step, tolerance)`` (see
-    :class:`~lightning_shapley.schedule.UntilDrop`) the sparsity rises by ``step`` at the
+    :class:`~lightning_shapley.pruning.schedule.UntilDrop`) the sparsity rises by ``step`` at the
     end of every epoch until the metric falls more than ``tolerance`` below the dense
     model's; then the last step is rolled back and pruning stops. The metric is this
     callback's own measurement of ``value`` on its scoring batches (higher is better:
@@ -88,7 +88,7 @@ class ShapleyPruning(Callback):
     channels it pruned get back the weights and BatchNorm statistics they had then; the
     history gains an entry with ``rolled_back=True`` and ``pruning/rolled_back`` is
     logged as 1 (0 at every step). Any schedule with ``record(metric, dense_metric)``
-    answering a :class:`~lightning_shapley.schedule.Decision` is driven the same way.
+    answering a :class:`~lightning_shapley.pruning.schedule.Decision` is driven the same way.
 
     Args:
         amount: final fraction of channels removed, in ``[0, 1)``: in each unit, or over
@@ -98,7 +98,7 @@ class ShapleyPruning(Callback):
         layers: names of the layers to prune; ``None`` for every prunable Conv/Linear
             except the output layer.
         scorer: ``"shapley"`` | ``"loo"`` | ``"l1"`` | ``"bn_gamma"`` | ``"taylor"`` | ``"random"``
-            or a :class:`~lightning_shapley.scorers.Scorer`.
+            or a :class:`~lightning_shapley.pruning.scorers.Scorer`.
         value: the coalition value of the Shapley scorer: ``"loss"`` | ``"accuracy"`` |
             a torchmetrics Metric | ``fn(logits, targets)``.
         num_permutations: the Shapley scorer's sampling budget per unit (sampling
@@ -118,9 +118,9 @@ class ShapleyPruning(Callback):
         batch_transform: turns a batch of the loader into ``(inputs, targets)``; by default
             its first two items.
         seed: seed of the Shapley sampling and of the random scorer.
-        schedule: a :class:`~lightning_shapley.schedule.PruningSchedule` used instead of
+        schedule: a :class:`~lightning_shapley.pruning.schedule.PruningSchedule` used instead of
             ``amount``, ``epochs`` and ``ramp`` (leave those at their defaults), e.g.
-            :class:`~lightning_shapley.schedule.UntilDrop` for the critical threshold.
+            :class:`~lightning_shapley.pruning.schedule.UntilDrop` for the critical threshold.
         removal_step: a step's channels go in rounds of this many per unit (an int), or
             of this fraction of each unit's channels (a float, at least one channel), the
             survivors re-scored after each round; ``None`` removes them at once.
@@ -143,7 +143,7 @@ class ShapleyPruning(Callback):
     Example:
         >>> pruning = ShapleyPruning(amount=0.5, epochs=[2, 4, 6])
         >>> trainer = lightning.Trainer(max_epochs=10, callbacks=[pruning])  # doctest: +SKIP
-        >>> from lightning_shapley.schedule import UntilDrop
+        >>> from lightning_shapley.pruning.schedule import UntilDrop
         >>> pruning = ShapleyPruning(schedule=UntilDrop(step=0.1, tolerance=0.01), value="accuracy")
     """
 
@@ -645,7 +645,7 @@ def _check_schedule(
     if not isinstance(schedule, PruningSchedule):
         raise ValueError(
             f"schedule={schedule!r} is not a pruning schedule; it needs the methods target, "
-            "validate, state_dict and load_state_dict (see lightning_shapley.schedule)"
+            "validate, state_dict and load_state_dict (see lightning_shapley.pruning.schedule)"
         )
     settings = (("amount", amount, 0.5), ("epochs", epochs, None), ("ramp", ramp, "cubic"))
     given = [f"{name}={value!r}" for name, value, default in settings if value != default]

@@ -2,8 +2,8 @@ import pytest
 import torch
 from models_for_tests import train_digits_cnn
 
-from lightning_shapley.data import DigitsSplits, digits_splits
-from lightning_shapley.models import DigitsCNN
+from lightning_shapley.app.data import DigitsSplits, digits_splits
+from lightning_shapley.app.models import DigitsCNN
 
 
 @pytest.fixture(scope="session")

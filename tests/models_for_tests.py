@@ -14,9 +14,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_shapley.masking import prune_channels
-from lightning_shapley.models import DigitsCNN
-from lightning_shapley.units import PrunableUnit
+from lightning_shapley.app.models import DigitsCNN
+from lightning_shapley.pruning.masking import prune_channels
+from lightning_shapley.pruning.units import PrunableUnit
 
 
 def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:

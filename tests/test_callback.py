@@ -14,14 +14,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_shapley import ChannelGame
+from lightning_shapley.app.data import DigitsDataModule
+from lightning_shapley.app.models import DigitsCNN, ImageClassifier
 from lightning_shapley.callback import ShapleyPruning
-from lightning_shapley.data import DigitsDataModule
 from lightning_shapley.export import load_compact
-from lightning_shapley.masking import channel_state, prune_channels, pruned_channels
-from lightning_shapley.models import DigitsCNN, ImageClassifier
-from lightning_shapley.schedule import UntilDrop
-from lightning_shapley.scorers import ChannelScores, ShapleyScorer
-from lightning_shapley.units import find_units
+from lightning_shapley.pruning.masking import channel_state, prune_channels, pruned_channels
+from lightning_shapley.pruning.schedule import UntilDrop
+from lightning_shapley.pruning.scorers import ChannelScores, ShapleyScorer
+from lightning_shapley.pruning.units import find_units
 
 CHANNELS = (16, 16, 32)
 UNITS = {"net.features.0": "net.features.1", "net.features.3": "net.features.4"}

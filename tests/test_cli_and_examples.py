@@ -22,8 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from lightning_shapley import cli
-from lightning_shapley.sweep import collect_results, summary_rows, write_summary
+from lightning_shapley.app import cli
+from lightning_shapley.app.sweep import collect_results, summary_rows, write_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 # Hydra's logging would replace the handlers of the test process's root logger.

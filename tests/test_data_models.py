@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from lightning_shapley.data import DigitsDataModule, digits_splits
-from lightning_shapley.models import DigitsCNN, ImageClassifier
+from lightning_shapley.app.data import DigitsDataModule, digits_splits
+from lightning_shapley.app.models import DigitsCNN, ImageClassifier
 
 
 def test_split_sizes(digits_splits_fixture):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_shapley.estimators import (
+from lightning_shapley.shapley.estimators import (
     ShapleyEstimate,
     adaptive,
     exact,

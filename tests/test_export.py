@@ -7,7 +7,8 @@ import torch
 from models_for_tests import DataDependentCNN, ResidualNet, mlp, randomize_batchnorms
 from torch import nn
 
-from lightning_shapley import export, masking, units
+from lightning_shapley import export
+from lightning_shapley.app.models import DigitsCNN, ImageClassifier
 from lightning_shapley.export import (
     EXPORT_FORMATS,
     accuracy,
@@ -21,7 +22,7 @@ from lightning_shapley.export import (
     to_onnx,
     to_torchscript,
 )
-from lightning_shapley.models import DigitsCNN, ImageClassifier
+from lightning_shapley.pruning import masking, units
 
 
 def _prune_every_unit(model: nn.Module, x: torch.Tensor, counts: dict[str, int]) -> None:

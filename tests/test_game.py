@@ -31,12 +31,12 @@ from torch.nn.utils import prune
 from torchmetrics.classification import MulticlassF1Score
 
 from lightning_shapley import ChannelGame, shapley_values
-from lightning_shapley.coalition_forward import UnsplittableModelError
-from lightning_shapley.estimators import exact
-from lightning_shapley.masking import prune_channels, pruned_channels
-from lightning_shapley.models import DigitsCNN
-from lightning_shapley.units import PrunableUnit, find_units
-from lightning_shapley.value_functions import accuracy, negative_loss
+from lightning_shapley.app.models import DigitsCNN
+from lightning_shapley.pruning.masking import prune_channels, pruned_channels
+from lightning_shapley.pruning.units import PrunableUnit, find_units
+from lightning_shapley.shapley.engines import UnsplittableModelError
+from lightning_shapley.shapley.estimators import exact
+from lightning_shapley.shapley.values import accuracy, negative_loss
 
 Batches = list[tuple[Tensor, Tensor]]
 

@@ -14,7 +14,7 @@ from models_for_tests import ResidualNet, randomize_batchnorms
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from lightning_shapley.masking import (
+from lightning_shapley.pruning.masking import (
     ChannelMask,
     channel_state,
     load_channel_state,
@@ -26,7 +26,7 @@ from lightning_shapley.masking import (
 )
 
 try:
-    from lightning_shapley.units import PrunableUnit as Unit
+    from lightning_shapley.pruning.units import PrunableUnit as Unit
 except ImportError:  # units.py is written beside this module; the same fields
 
     @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from wandb_offline import finished_records, history
 
 from lightning_shapley import ChannelGame
+from lightning_shapley.app.data import DigitsDataModule
+from lightning_shapley.app.models import DigitsCNN, ImageClassifier
 from lightning_shapley.callback import ShapleyPruning
-from lightning_shapley.data import DigitsDataModule
-from lightning_shapley.models import DigitsCNN, ImageClassifier
+from lightning_shapley.pruning.units import find_units
 from lightning_shapley.reporting import (
     FIGURES,
     MAX_SIZES,
@@ -31,7 +32,6 @@ from lightning_shapley.reporting import (
     ranked_values_figure,
     step_rows,
 )
-from lightning_shapley.units import find_units
 
 CHANNELS = (16, 16, 32)
 UNITS = ("net.features.0", "net.features.3", "net.features.7")

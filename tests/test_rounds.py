@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from lightning_shapley import ShapleyPruning
-from lightning_shapley.game import scoring_mode
-from lightning_shapley.masking import copy_model, pruned_channels
-from lightning_shapley.recalibration import recalibrate_batchnorm
-from lightning_shapley.rounds import RoundPruner
-from lightning_shapley.scorers import LeaveOneOutScorer, ShapleyScorer, resolve_scorer
-from lightning_shapley.units import find_units
+from lightning_shapley.pruning.masking import copy_model, pruned_channels
+from lightning_shapley.pruning.recalibration import recalibrate_batchnorm
+from lightning_shapley.pruning.rounds import RoundPruner
+from lightning_shapley.pruning.scorers import LeaveOneOutScorer, ShapleyScorer, resolve_scorer
+from lightning_shapley.pruning.units import find_units
+from lightning_shapley.shapley.game import scoring_mode
 
 
 def negative_loss(model: nn.Module, batches: list) -> float:

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lightning_shapley.schedule import (
+from lightning_shapley.pruning.schedule import (
     Decision,
     Gradual,
     OneShot,

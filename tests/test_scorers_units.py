@@ -19,10 +19,10 @@ from models_for_tests import (
 )
 from torch import nn
 
-from lightning_shapley.estimators import exact
-from lightning_shapley.masking import prune_channels, pruned_channels
-from lightning_shapley.scorers import ShapleyScorer, resolve_scorer
-from lightning_shapley.units import PrunableUnit, find_units
+from lightning_shapley.pruning.masking import prune_channels, pruned_channels
+from lightning_shapley.pruning.scorers import ShapleyScorer, resolve_scorer
+from lightning_shapley.pruning.units import PrunableUnit, find_units
+from lightning_shapley.shapley.estimators import exact
 
 
 def coupled_unit(factory: type[nn.Module], name: str, batches: list) -> tuple:

@@ -22,8 +22,8 @@ from models_for_tests import (
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from lightning_shapley.models import DigitsCNN
-from lightning_shapley.units import PrunableUnit, find_units
+from lightning_shapley.app.models import DigitsCNN
+from lightning_shapley.pruning.units import PrunableUnit, find_units
 
 IMAGES = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 

@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from lightning_shapley.functional import resolve_estimator, shapley_values
-from lightning_shapley.game import Batch, scoring_mode
-from lightning_shapley.masking import copy_model, set_pruned_channels
-from lightning_shapley.value_functions import ValueSetting, resolve_value
-from lightning_shapley.weighting import resolve_weighting
+from lightning_shapley.pruning.masking import copy_model, set_pruned_channels
+from lightning_shapley.shapley.functional import resolve_estimator, shapley_values
+from lightning_shapley.shapley.game import Batch, scoring_mode
+from lightning_shapley.shapley.values import ValueSetting, resolve_value
+from lightning_shapley.shapley.weighting import resolve_weighting
 
 
 class Unit(Protocol):
-    """What a scorer needs of a prunable unit (see :mod:`lightning_shapley.units`)."""
+    """What a scorer needs of a prunable unit (see :mod:`lightning_shapley.pruning.units`)."""
 
     name: str
     producers: tuple[str, ...]
@@ -225,7 +225,7 @@ class LeaveOneOutScorer(Scorer):
 
     Removing the lowest, one per round with the survivors re-scored, is greedy backward
     elimination, the strongest baseline for pruning. Each value is measured by pruning
-    the channel for real (through :mod:`~lightning_shapley.masking`, on a copy of the
+    the channel for real (through :mod:`~lightning_shapley.pruning.masking`, on a copy of the
     model) and running the whole model, with none of the game's shortcuts: it is the
     reference the Shapley band at depth 1, the same quantity, is checked against.
 

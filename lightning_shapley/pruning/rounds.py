@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_shapley.game import Batch
-from lightning_shapley.masking import prune_channels, pruned_channels
-from lightning_shapley.recalibration import recalibrate_batchnorm
-from lightning_shapley.schedule import is_int
-from lightning_shapley.scorers import ChannelScores, Scorer
-from lightning_shapley.units import PrunableUnit
+from lightning_shapley.pruning.masking import prune_channels, pruned_channels
+from lightning_shapley.pruning.recalibration import recalibrate_batchnorm
+from lightning_shapley.pruning.schedule import is_int
+from lightning_shapley.pruning.scorers import ChannelScores, Scorer
+from lightning_shapley.pruning.units import PrunableUnit
+from lightning_shapley.shapley.game import Batch
 
 SCOPES = ("layer", "global")
 #: The key of the one quota of a global round, shared by all units.
@@ -75,8 +75,8 @@ class RoundPruner:
             98.0 / 93.7 / 85.5 / 57.6% per round (mean of 3 seeds).
 
     Example:
-        >>> from lightning_shapley.scorers import L1Scorer
-        >>> from lightning_shapley.units import find_units
+        >>> from lightning_shapley.pruning.scorers import L1Scorer
+        >>> from lightning_shapley.pruning.units import find_units
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> units = find_units(net, torch.randn(2, 4))
         >>> pruner = RoundPruner(units, L1Scorer(), removal_step=2)

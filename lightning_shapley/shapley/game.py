@@ -21,14 +21,14 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_shapley.allocator import retain_freed_memory
-from lightning_shapley.coalition_forward import (
+from lightning_shapley.shapley.allocator import retain_freed_memory
+from lightning_shapley.shapley.engines import (
     CHANNELWISE_MODULES,
     FullForward,
     SplitForward,
     UnsplittableModelError,
 )
-from lightning_shapley.value_functions import ValueSetting, resolve_value
+from lightning_shapley.shapley.values import ValueSetting, resolve_value
 
 Batch = tuple[Tensor, Tensor]
 

@@ -43,8 +43,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from lightning_shapley import masking, units
-from lightning_shapley.units import checked_example_inputs, traceable_copy
+from lightning_shapley.pruning import masking, units
+from lightning_shapley.pruning.units import checked_example_inputs, traceable_copy
 
 #: What :func:`export_artifacts` can write: the compact checkpoint (:func:`save_compact`),
 #: its int8 version (:func:`quantize`, saved as TorchScript), TorchScript and ONNX.
@@ -102,7 +102,7 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
             model's.
 
     Example:
-        >>> from lightning_shapley.models import DigitsCNN
+        >>> from lightning_shapley.app.models import DigitsCNN
         >>> net, x = DigitsCNN(channels=(4, 4, 8)).eval(), torch.randn(2, 1, 8, 8)
         >>> unit = units.find_units(net, x)[0]
         >>> masking.prune_channels(net, unit, torch.tensor([True, False, True, False]))
@@ -264,7 +264,7 @@ def load_compact(path: str | Path, model: nn.Module) -> nn.Module:
 
     Example:
         >>> import tempfile
-        >>> from lightning_shapley.models import DigitsCNN
+        >>> from lightning_shapley.app.models import DigitsCNN
         >>> net, x = DigitsCNN(channels=(4, 4, 8)).eval(), torch.randn(2, 1, 8, 8)
         >>> unit = units.find_units(net, x)[1]
         >>> masking.prune_channels(net, unit, torch.tensor([True, True, False, False]))

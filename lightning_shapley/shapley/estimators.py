@@ -10,7 +10,7 @@ Every sampling estimator walks *removal orders*: it starts from the full set and
 the players one at a time in a random order, so the coalitions near the full set, the ones
 pruning visits, are the ones every sample sees. A player's marginal contribution is the
 value lost when it is removed, scaled by the weighting's size importance (see
-:mod:`lightning_shapley.weighting`). Samples come in independent *rounds*, an ordering and
+:mod:`lightning_shapley.shapley.weighting`). Samples come in independent *rounds*, an ordering and
 its reverse; a value is the mean of its round estimates and its standard error is their
 standard deviation over ``sqrt(rounds)``.
 """
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_shapley.surrogate import SurrogateGame
-from lightning_shapley.weighting import Weighting, resolve_weighting
+from lightning_shapley.shapley.surrogate import SurrogateGame
+from lightning_shapley.shapley.weighting import Weighting, resolve_weighting
 
 ValueFunction = Callable[[Tensor], Tensor]
 

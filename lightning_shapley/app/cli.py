@@ -1,6 +1,6 @@
 """The ``lightning-shapley`` command: the Hydra entry point of the pruning pipeline.
 
-It composes ``conf/`` and hands the job to :func:`lightning_shapley.pipeline.run`. A
+It composes ``conf/`` and hands the job to :func:`lightning_shapley.app.pipeline.run`. A
 setting the run cannot take fails before any training, with one line on stderr (the key,
 the value and what is allowed) and exit status 2: an unknown key is caught here before
 Hydra composes (Hydra itself would only say "not in struct"), a bad value by the pipeline
@@ -23,11 +23,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_shapley.pipeline import SettingError, run
+from lightning_shapley.app.pipeline import SettingError, run
 
 # A wheel carries the configs inside the package; a source checkout keeps them at the repo root.
-_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
-_REPO_CONF = Path(__file__).resolve().parent.parent / "conf"
+_PACKAGED_CONF = Path(__file__).resolve().parents[1] / "conf"
+_REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
 CONFIG_PATH = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else _REPO_CONF)
 # The exit status of a refused setting (2, as argparse uses for usage errors).
 SETTING_ERROR_STATUS = 2

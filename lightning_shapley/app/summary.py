@@ -1,6 +1,6 @@
 """The printed summary of a job: its result (``result.json``) as Markdown tables.
 
-:func:`format_summary` turns the result that :func:`lightning_shapley.pipeline.run` writes
+:func:`format_summary` turns the result that :func:`lightning_shapley.app.pipeline.run` writes
 into the lines printed at the end of a run: dense against pruned, the layers, scoring and
 the exported artifacts.
 """

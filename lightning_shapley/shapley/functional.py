@@ -9,11 +9,11 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_shapley import estimators
-from lightning_shapley.estimators import ShapleyEstimate
-from lightning_shapley.game import Batch, ChannelGame
-from lightning_shapley.value_functions import ValueSetting
-from lightning_shapley.weighting import Weighting
+from lightning_shapley.shapley import estimators
+from lightning_shapley.shapley.estimators import ShapleyEstimate
+from lightning_shapley.shapley.game import Batch, ChannelGame
+from lightning_shapley.shapley.values import ValueSetting
+from lightning_shapley.shapley.weighting import Weighting
 
 METHODS: dict[str, Callable[..., ShapleyEstimate]] = {
     "exact": estimators.exact,
@@ -68,7 +68,8 @@ def shapley_values(
         method: ``"exact"``, ``"permutation"``, ``"surrogate"``, ``"tmc"`` or ``"adaptive"``.
         channel_dim: the channel dimension of the layers' outputs.
         pruned: boolean ``[C]`` of channels already pruned (kept out of every coalition).
-        engine: how coalitions are evaluated, see :class:`~lightning_shapley.game.ChannelGame`.
+        engine: how coalitions are evaluated, see
+            :class:`~lightning_shapley.shapley.game.ChannelGame`.
         **estimator_options: passed to the estimator, e.g. ``num_permutations``,
             ``max_evaluations``, ``seed``, ``truncation``, ``bottom_k``, ``tolerance``.
 

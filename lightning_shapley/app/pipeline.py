@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_shapley import export
-from lightning_shapley.summary import RESULT_FILE, format_summary
+from lightning_shapley.app.summary import RESULT_FILE, format_summary
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from torch import Tensor, nn
 
-from lightning_shapley.game import Batch, ChannelGame, scoring_mode
-from lightning_shapley.value_functions import ValueSetting, accuracy, negative_loss
+from lightning_shapley.shapley.game import Batch, ChannelGame, scoring_mode
+from lightning_shapley.shapley.values import ValueSetting, accuracy, negative_loss
 
 #: The figures drawn at the end of fit, by file stem.
 FIGURES = ("coalition_values", "ranked_values", "architecture", "accuracy_steps", "model_size")
@@ -112,14 +112,15 @@ def coalition_values_by_size(
 
     Sample ``j`` draws one random ordering of the channels and takes its first ``k``
     channels for every size ``k``, so the coalitions of one sample are nested. All are
-    evaluated in one call of a :class:`~lightning_shapley.game.ChannelGame`.
+    evaluated in one call of a :class:`~lightning_shapley.shapley.game.ChannelGame`.
 
     Args:
         model: the model; it is left as found.
         layer: the module whose output channels are the players, or the names of all the
             modules producing and normalizing them (a unit's producers and BatchNorms).
         batches: the scoring batches, ``(inputs, targets)`` pairs.
-        value: the coalition value, as :class:`~lightning_shapley.game.ChannelGame` takes it.
+        value: the coalition value, as
+            :class:`~lightning_shapley.shapley.game.ChannelGame` takes it.
         sizes: coalition sizes to evaluate; ``None`` for an even grid of at most
             :data:`MAX_SIZES` sizes from 0 to the number of players, both included.
         samples: random coalitions per size.

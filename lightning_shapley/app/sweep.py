@@ -30,7 +30,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lightning_shapley.summary import RESULT_FILE
+from lightning_shapley.app.summary import RESULT_FILE
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from lightning_shapley.masking import copy_model
+from lightning_shapley.pruning.masking import copy_model
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -104,7 +104,7 @@ def find_units(
             has no role for).
 
     Example:
-        >>> from lightning_shapley.models import DigitsCNN
+        >>> from lightning_shapley.app.models import DigitsCNN
         >>> units = find_units(DigitsCNN(), torch.zeros(2, 1, 8, 8))
         >>> [unit.name for unit in units]
         ['features.0', 'features.3', 'features.7']
