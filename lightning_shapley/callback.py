@@ -34,8 +34,7 @@ from lightning_shapley.pruning.schedule import Decision, PruningSchedule, is_int
 from lightning_shapley.pruning.scorers import ChannelScores, Scorer, resolve_scorer
 from lightning_shapley.pruning.units import PrunableUnit, find_units
 from lightning_shapley.reporting import PruningReporter
-from lightning_shapley.shapley.game import Batch, scoring_mode
-from lightning_shapley.shapley.values import ValueSetting, accuracy, resolve_value
+from lightning_shapley.shapley.values import Batch, ValueSetting, evaluate, resolve_value
 
 SCORE_SOURCES = ("val", "train")
 #: Bands up to this depth are enumerated exactly by default: ``1 + n + C(n, 2)`` coalitions.
@@ -427,11 +426,9 @@ class ShapleyPruning(Callback):
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, batches: list[Batch]
     ) -> dict[str, float]:
         """Value and accuracy on the scoring batches of all processes (a weighted mean)."""
-        with scoring_mode(pl_module):
-            logits = torch.cat([pl_module(x) for x, _ in batches]).unsqueeze(0)
-        targets = torch.cat([y for _, y in batches])
-        local = torch.stack([self.value_function(logits, targets)[0], accuracy(logits, targets)[0]])
-        value, correct = _weighted_mean_over_ranks(trainer, local.double().cpu(), len(targets))
+        measured = evaluate(pl_module, batches, self.value_function)
+        local = torch.tensor([measured.value, measured.accuracy], dtype=torch.float64)
+        value, correct = _weighted_mean_over_ranks(trainer, local, _samples(batches))
         return {"value": float(value), "accuracy": float(correct)}
 
     def _record(

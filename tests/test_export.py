@@ -1,4 +1,5 @@
 import copy
+import importlib
 from pathlib import Path
 
 import onnxruntime
@@ -11,11 +12,15 @@ from lightning_shapley import export
 from lightning_shapley.app.models import DigitsCNN, ImageClassifier
 from lightning_shapley.export import (
     EXPORT_FORMATS,
+    Artifact,
     accuracy,
+    artifact_metrics,
     compact,
     export_artifacts,
     file_size,
+    formats,
     load_compact,
+    masked_size_bytes,
     measure_latency,
     quantize,
     save_compact,
@@ -256,7 +261,7 @@ def test_onnx_mismatch_is_reported_and_the_file_removed(monkeypatch, tmp_path) -
             return model(inputs) + 1.0
 
     monkeypatch.setattr(torch.onnx, "export", fake_export)
-    monkeypatch.setattr(export, "_OnnxRunner", OffByOne)
+    monkeypatch.setattr(formats, "_OnnxRunner", OffByOne)
     with pytest.raises(ValueError, match=r"differs from the model's outputs by up to 1 "):
         to_onnx(model, x, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
@@ -290,7 +295,7 @@ def test_compact_checkpoint_errors(masked_cnn: DigitsCNN, tmp_path) -> None:
 
     other = ResidualNet()
     before = _snapshot(other)
-    with pytest.raises(ValueError, match=r"holds a lightning_shapley\.models\.DigitsCNN"):
+    with pytest.raises(ValueError, match=r"holds a lightning_shapley\.app\.models\.DigitsCNN"):
         load_compact(path, other)
     _assert_unchanged(other, before)
 
@@ -365,8 +370,12 @@ def test_measure_latency_restores_train_flags() -> None:
     seconds = measure_latency(model, torch.rand(2, 1, 8, 8), repeats=3, warmup=1)
     assert seconds > 0
     assert model.training and not model.features[1].training and model.features[4].training
-    with pytest.raises(ValueError, match="repeats=0"):
+    with pytest.raises(ValueError, match="repeats=0 is not allowed; it must be an integer of at"):
         measure_latency(model, torch.rand(2, 1, 8, 8), repeats=0)
+    with pytest.raises(ValueError, match="warmup=-1 is not allowed"):
+        measure_latency(model, torch.rand(2, 1, 8, 8), warmup=-1)
+    with pytest.raises(ValueError, match="repeats=True is not allowed"):
+        measure_latency(model, torch.rand(2, 1, 8, 8), repeats=True)
 
 
 def test_lightning_module_exports_and_reloads(tmp_path) -> None:
@@ -380,3 +389,40 @@ def test_lightning_module_exports_and_reloads(tmp_path) -> None:
     fresh = load_compact(path, ImageClassifier(DigitsCNN(channels=(4, 4, 8)))).eval()
     assert fresh.net.features[7].out_channels == 5
     torch.testing.assert_close(fresh(x), module(x), atol=1e-5, rtol=0)
+
+
+def test_artifact_metrics(exported: dict) -> None:
+    artifacts = exported["artifacts"]
+    metrics = artifact_metrics(artifacts)
+    assert len(metrics) == 4 * len(artifacts)
+    for artifact in artifacts:
+        prefix = f"export/{artifact.format}/"
+        assert metrics[prefix + "size_bytes"] == float(artifact.size_bytes)
+        assert metrics[prefix + "latency_ms"] == artifact.latency_ms
+        assert metrics[prefix + "parameters"] == float(artifact.parameters)
+        assert metrics[prefix + "accuracy"] == artifact.accuracy
+    assert all(type(value) is float for value in metrics.values())
+
+    without_accuracy = Artifact("compact", Path("compact.pt"), 10, 200, 1.5)
+    assert artifact_metrics([without_accuracy]) == {
+        "export/compact/size_bytes": 200.0,
+        "export/compact/latency_ms": 1.5,
+        "export/compact/parameters": 10.0,
+    }
+    assert artifact_metrics([]) == {}
+
+
+def test_masked_size_bytes_leaves_out_the_masks(masked_cnn: DigitsCNN) -> None:
+    dense = DigitsCNN(channels=(16, 16, 32))
+    expected = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+    assert any(name.endswith("_mask") for name in masked_cnn.state_dict())
+    assert masked_size_bytes(masked_cnn) == masked_size_bytes(dense) == expected
+
+
+def test_package_re_exports_every_public_name() -> None:
+    for name in export.__all__:
+        assert getattr(export, name) is not None, name
+    # compact.py shares its name with its function: the package attribute is the function.
+    module = importlib.import_module("lightning_shapley.export.compaction")
+    assert export.compact is compact is module.compact
+    assert callable(export.compact)

@@ -479,12 +479,12 @@ ERRORS = [
     ),
     pytest.param(
         lambda m, b: _values(m, b, method="permutation", num_permutations=0),
-        r"num_permutations=0.*positive integer",
+        r"num_permutations=0.*integer of at least 1",
         id="num-permutations-zero",
     ),
     pytest.param(
         lambda m, b: _values(m, b, method="tmc", num_permutations=-4),
-        r"num_permutations=-4.*positive integer",
+        r"num_permutations=-4.*integer of at least 1",
         id="num-permutations-negative",
     ),
     pytest.param(

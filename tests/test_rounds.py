@@ -15,7 +15,7 @@ from lightning_shapley.pruning.recalibration import recalibrate_batchnorm
 from lightning_shapley.pruning.rounds import RoundPruner
 from lightning_shapley.pruning.scorers import LeaveOneOutScorer, ShapleyScorer, resolve_scorer
 from lightning_shapley.pruning.units import find_units
-from lightning_shapley.shapley.game import scoring_mode
+from lightning_shapley.shapley.values import scoring_mode
 
 
 def negative_loss(model: nn.Module, batches: list) -> float:

@@ -25,7 +25,7 @@ from lightning_shapley.pruning.recalibration import recalibrate_batchnorm
 from lightning_shapley.pruning.schedule import is_int
 from lightning_shapley.pruning.scorers import ChannelScores, Scorer
 from lightning_shapley.pruning.units import PrunableUnit
-from lightning_shapley.shapley.game import Batch
+from lightning_shapley.shapley.values import Batch
 
 SCOPES = ("layer", "global")
 #: The key of the one quota of a global round, shared by all units.

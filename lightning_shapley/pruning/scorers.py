@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from lightning_shapley.pruning.masking import copy_model, set_pruned_channels
 from lightning_shapley.shapley.functional import resolve_estimator, shapley_values
-from lightning_shapley.shapley.game import Batch, scoring_mode
-from lightning_shapley.shapley.values import ValueSetting, resolve_value
+from lightning_shapley.shapley.values import Batch, ValueSetting, resolve_value, scoring_mode
 from lightning_shapley.shapley.weighting import resolve_weighting
 
 

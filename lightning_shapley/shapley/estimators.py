@@ -17,18 +17,31 @@ standard deviation over ``sqrt(rounds)``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from itertools import combinations
 from statistics import NormalDist
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_shapley.checks import check_int, is_int, is_real
+from lightning_shapley.shapley.sampling import (
+    MemoizedValue,
+    RoundStatistics,
+    Walks,
+    antithetic_orders,
+    pair_means,
+    pairs_for_budget,
+    sample_pairs,
+    split_into_blocks,
+    walk,
+    walk_pairs,
+)
 from lightning_shapley.shapley.surrogate import SurrogateGame
 from lightning_shapley.shapley.weighting import Weighting, resolve_weighting
 
@@ -57,50 +70,6 @@ class ShapleyEstimate:
     evaluations: int
     seconds: float
     samples: Tensor
-
-
-class _MemoizedValue:
-    """Calls the value function once per distinct coalition and checks its answers."""
-
-    def __init__(self, value_fn: ValueFunction, n_players: int) -> None:
-        self._value_fn = value_fn
-        self._n_players = n_players
-        self._cache: dict[bytes, float] = {}
-
-    @property
-    def evaluations(self) -> int:
-        return len(self._cache)
-
-    def __call__(self, coalitions: Tensor) -> Tensor:
-        coalitions = coalitions.to(torch.bool).reshape(-1, self._n_players)
-        keys = [row.tobytes() for row in np.packbits(coalitions.numpy(), axis=1)]
-        missing: dict[bytes, int] = {}
-        for row, key in enumerate(keys):
-            if key not in self._cache and key not in missing:
-                missing[key] = row
-        if missing:
-            asked = coalitions[list(missing.values())]
-            answers = _checked_values(self._value_fn(asked), asked)
-            self._cache.update(zip(missing, answers.tolist(), strict=True))
-        return torch.tensor([self._cache[key] for key in keys], dtype=torch.float64)
-
-
-def _checked_values(values: Tensor | np.ndarray, coalitions: Tensor) -> Tensor:
-    values = torch.as_tensor(values).detach().to("cpu", torch.float64)
-    if values.shape != (len(coalitions),):
-        raise ValueError(
-            f"the value function returned shape {tuple(values.shape)} for {len(coalitions)} "
-            f"coalitions; it must return one number per coalition, shape ({len(coalitions)},)"
-        )
-    bad = ~torch.isfinite(values)
-    if bad.any():
-        row = int(bad.nonzero()[0])
-        raise ValueError(
-            f"the value function returned {values[row].item()} for a coalition of "
-            f"{int(coalitions[row].sum())} of {coalitions.shape[1]} players; "
-            "values must be finite numbers"
-        )
-    return values
 
 
 # --------------------------------------------------------------------------- exact
@@ -134,7 +103,7 @@ def exact(
     _check_players(n_players)
     weighting = resolve_weighting(weighting, depth)
     start = time.perf_counter()
-    value = _MemoizedValue(value_fn, n_players)
+    value = MemoizedValue(value_fn, n_players)
     weights = torch.cat(
         [weighting.coalition_weights(n_players), torch.zeros(1, dtype=torch.float64)]
     )
@@ -183,231 +152,7 @@ def _coalitions_of_sizes(n: int, sizes: list[int], weighting: Weighting) -> Tens
 
 
 # --------------------------------------------------------------------------- sampling core
-
-
-@dataclass
-class _Walks:
-    """Removal orders and the worth of the coalitions visited along them.
-
-    ``orders[k, j]`` is the player removed at step ``j + 1`` of walk ``k``; ``worth[k, t]``
-    is the value of the coalition left after ``t`` removals (NaN where not evaluated);
-    ``wanted[k, j]`` says whether the removal at step ``j + 1`` counts.
-    """
-
-    orders: Tensor
-    worth: Tensor
-    wanted: Tensor
-
-    @classmethod
-    def concatenate(cls, parts: list[_Walks]) -> _Walks:
-        return cls(
-            torch.cat([part.orders for part in parts]),
-            torch.cat([part.worth for part in parts]),
-            torch.cat([part.wanted for part in parts]),
-        )
-
-    def subset(self, rows: Tensor) -> _Walks:
-        return _Walks(self.orders[rows], self.worth[rows], self.wanted[rows])
-
-    def coalitions(self, rows: Tensor, steps: Tensor) -> Tensor:
-        """Boolean coalitions left in walks ``rows`` after ``steps`` removals."""
-        return torch.argsort(self.orders[rows], dim=1) >= steps[:, None]
-
-    def marginals(self, importance: Tensor, worth: Tensor | None = None) -> Tensor:
-        """``[p, n]``: ``lambda(s) * (v(S + i) - v(S))`` per walk and player, 0 where not wanted.
-
-        ``worth`` replaces the walks' own coalition values, e.g. by residuals.
-        """
-        worth = self.worth if worth is None else worth
-        step_importance = importance.flip(0)  # step j (1-based) leaves n - j players
-        by_step = torch.where(self.wanted, (worth[:, :-1] - worth[:, 1:]) * step_importance, 0.0)
-        return torch.zeros_like(by_step).scatter_(1, self.orders, by_step)
-
-
-def _walk(
-    value: ValueFunction,
-    orders: Tensor,
-    importance: Tensor,
-    tracked: Tensor,
-    truncation: float | None = None,
-    block: int = 4,
-) -> _Walks:
-    """Evaluates the coalitions around the wanted removals of each order.
-
-    Args:
-        value: the value function (memoized, for the real game).
-        orders: ``[p, n]`` permutations; row ``k`` removes ``orders[k, 0]`` first.
-        importance: ``[n]`` size importance ``lambda(s)`` (see the weighting module).
-        tracked: ``[n]`` players whose contributions are wanted; only the coalitions
-            around their removals are evaluated.
-        truncation: if set, a walk stops once ``|v(S) - v(empty)|`` is within this fraction
-            of ``|v(N) - v(empty)|`` and the smaller coalitions are taken as worth
-            ``v(empty)`` (Ghorbani & Zou's truncated Monte Carlo; the contributions still
-            sum to ``v(N) - v(empty)``).
-        block: with truncation, how many removal steps are evaluated between checks.
-    """
-    n_orders, n = orders.shape
-    walks = _Walks(
-        orders=orders,
-        worth=torch.full((n_orders, n + 1), math.nan, dtype=torch.float64),
-        wanted=tracked[orders] & (importance.flip(0) > 0),
-    )
-    needed = torch.zeros(n_orders, n + 1, dtype=torch.bool)
-    needed[:, :-1] |= walks.wanted  # the coalition before each wanted removal
-    needed[:, 1:] |= walks.wanted  # and after it
-    if truncation is None:
-        block = n + 1
-    else:
-        ends = value(
-            torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
-        )
-        empty_worth = ends[1]
-        threshold = truncation * (ends[0] - empty_worth).abs()
-    active = torch.ones(n_orders, dtype=torch.bool)
-    for first in range(0, n + 1, block):
-        span = slice(first, min(first + block, n + 1))
-        ask = needed[:, span] & active[:, None] & walks.worth[:, span].isnan()
-        rows, offsets = ask.nonzero(as_tuple=True)
-        if len(rows):
-            steps = first + offsets
-            walks.worth[rows, steps] = value(walks.coalitions(rows, steps))
-        if truncation is None:
-            continue
-        # Strictly within the tolerance (so 0 never truncates), and never at the full set.
-        near = (walks.worth[:, span] - empty_worth).abs() < threshold
-        near[:, : max(0, 1 - first)] = False
-        stopped = near.any(1) & active
-        if stopped.any():
-            stop_step = first + near.to(torch.int8).argmax(1)
-            beyond = torch.arange(n + 1) > stop_step[:, None]
-            walks.worth[stopped[:, None] & beyond] = empty_worth
-            active &= ~stopped
-        if not active.any():
-            break
-    return walks
-
-
-class _RoundStatistics:
-    """Running mean, variance (Welford's update) and range of each player's round estimates."""
-
-    def __init__(self, n: int) -> None:
-        self.count = torch.zeros(n, dtype=torch.float64)
-        self.mean = torch.zeros(n, dtype=torch.float64)
-        self._squares = torch.zeros(n, dtype=torch.float64)
-        self.low = torch.full((n,), math.inf, dtype=torch.float64)
-        self.high = torch.full((n,), -math.inf, dtype=torch.float64)
-
-    def add(self, estimates: Tensor, tracked: Tensor) -> None:
-        """Adds ``[rounds, n]`` estimates for the ``tracked`` players."""
-        for estimate in estimates:
-            self.count += tracked
-            delta = torch.where(tracked, estimate - self.mean, 0.0)
-            self.mean += delta / self.count.clamp(min=1)
-            self._squares += delta * torch.where(tracked, estimate - self.mean, 0.0)
-            self.low = torch.where(tracked, torch.minimum(self.low, estimate), self.low)
-            self.high = torch.where(tracked, torch.maximum(self.high, estimate), self.high)
-
-    @property
-    def variance(self) -> Tensor:
-        """Unbiased sample variance of the round estimates (NaN below two rounds)."""
-        return torch.where(self.count > 1, self._squares / (self.count - 1).clamp(min=1), math.nan)
-
-    @property
-    def stderr(self) -> Tensor:
-        return (self.variance / self.count.clamp(min=1)).sqrt()
-
-
-def _antithetic_orders(pairs: int, n: int, generator: torch.Generator) -> Tensor:
-    """``2 * pairs`` orders: each random permutation followed by its reverse."""
-    orders = torch.stack([torch.randperm(n, generator=generator) for _ in range(pairs)])
-    return torch.stack([orders, orders.flip(1)], dim=1).flatten(0, 1)
-
-
-def _pair_means(marginals: Tensor) -> Tensor:
-    """``[2 * pairs, n]`` marginals of antithetic orders -> ``[pairs, n]`` round estimates."""
-    return marginals.unflatten(0, (-1, 2)).mean(1)
-
-
-def _walk_pairs(
-    value: _MemoizedValue,
-    importance: Tensor,
-    blocks: Iterator[int],
-    *,
-    generator: torch.Generator,
-    max_evaluations: int | None,
-    tracked_players: Callable[[], Tensor] | None = None,
-    truncation: float | None = None,
-) -> Iterator[tuple[_Walks, Tensor]]:
-    """Walks blocks of antithetic pairs until ``blocks`` ends or the budget is spent.
-
-    ``blocks`` yields how many pairs to walk together next (so the value function sees
-    many coalitions at once); ``tracked_players`` narrows each block to the players still
-    worth sampling and ends the sampling when it returns none. Yields each block's walks
-    with the players it tracked.
-    """
-    n = len(importance)
-    for planned in blocks:
-        tracked = tracked_players() if tracked_players else torch.ones(n, dtype=torch.bool)
-        if not tracked.any():
-            return
-        pairs = planned
-        if max_evaluations is not None:
-            remaining = max_evaluations - value.evaluations
-            pairs = min(planned, remaining // _pair_cost(importance, tracked))
-            if pairs < 1:
-                return
-        orders = _antithetic_orders(pairs, n, generator)
-        yield _walk(value, orders, importance, tracked, truncation), tracked
-
-
-def _sample_pairs(
-    value: _MemoizedValue,
-    importance: Tensor,
-    blocks: Iterator[int],
-    *,
-    seed: int,
-    max_evaluations: int | None,
-    tracked_players: Callable[[_RoundStatistics], Tensor] | None = None,
-    truncation: float | None = None,
-) -> _RoundStatistics:
-    """Statistics of the pair estimates of :func:`_walk_pairs` (same arguments)."""
-    stats = _RoundStatistics(len(importance))
-    for walks, tracked in _walk_pairs(
-        value,
-        importance,
-        blocks,
-        generator=torch.Generator().manual_seed(seed),
-        max_evaluations=max_evaluations,
-        tracked_players=(lambda: tracked_players(stats)) if tracked_players else None,
-        truncation=truncation,
-    ):
-        stats.add(_pair_means(walks.marginals(importance)), tracked)
-    return stats
-
-
-def _blocks(total: int, per_block: int) -> Iterator[int]:
-    done = 0
-    while done < total:
-        yield min(per_block, total - done)
-        done += per_block
-
-
-def _pair_cost(importance: Tensor, tracked: Tensor) -> int:
-    """Most new coalitions one antithetic pair can cost: two around each counted removal."""
-    removals = int((importance > 0).sum()) * int(tracked.sum()) / len(tracked)
-    return 2 * min(len(tracked) + 1, 2 * math.ceil(removals))
-
-
-def _pairs_for_budget(num_permutations: int | None, max_evaluations: int | None) -> int:
-    """Antithetic pairs to plan for; with only an evaluation budget, the budget stops it."""
-    if num_permutations is not None:
-        return max(1, math.ceil(num_permutations / 2))
-    if max_evaluations is None:
-        raise ValueError("give num_permutations or max_evaluations (both are None)")
-    return max_evaluations
-
-
-def _estimate(stats: _RoundStatistics, value: _MemoizedValue, start: float) -> ShapleyEstimate:
+def _estimate(stats: RoundStatistics, value: MemoizedValue, start: float) -> ShapleyEstimate:
     return ShapleyEstimate(
         values=stats.mean,
         stderr=stats.stderr,
@@ -450,13 +195,15 @@ def permutation(
     """
     _check_players(n_players)
     weighting = resolve_weighting(weighting, depth)
-    _check_budget(num_permutations=num_permutations, max_evaluations=max_evaluations)
+    check_options(
+        "permutation", num_permutations=num_permutations, max_evaluations=max_evaluations, seed=seed
+    )
     start = time.perf_counter()
-    value = _MemoizedValue(value_fn, n_players)
+    value = MemoizedValue(value_fn, n_players)
     importance = weighting.size_importance(n_players)
-    pairs = _pairs_for_budget(num_permutations, max_evaluations)
-    stats = _sample_pairs(
-        value, importance, _blocks(pairs, 8), seed=seed, max_evaluations=max_evaluations
+    pairs = pairs_for_budget(num_permutations, max_evaluations)
+    stats = sample_pairs(
+        value, importance, split_into_blocks(pairs, 8), seed=seed, max_evaluations=max_evaluations
     )
     return _estimate(stats, value, start)
 
@@ -497,19 +244,21 @@ def surrogate(
     """
     _check_players(n_players)
     weighting = resolve_weighting(weighting, depth)
-    _check_budget(
+    check_options(
+        "surrogate",
         num_permutations=num_permutations,
         max_evaluations=max_evaluations,
         surrogate_permutations=surrogate_permutations,
+        seed=seed,
     )
     start = time.perf_counter()
-    value = _MemoizedValue(value_fn, n_players)
+    value = MemoizedValue(value_fn, n_players)
     importance = weighting.size_importance(n_players)
     generator = torch.Generator().manual_seed(seed)
-    blocks = _walk_pairs(
+    blocks = walk_pairs(
         value,
         importance,
-        _blocks(_pairs_for_budget(num_permutations, max_evaluations), 8),
+        split_into_blocks(pairs_for_budget(num_permutations, max_evaluations), 8),
         generator=generator,
         max_evaluations=max_evaluations,
     )
@@ -520,25 +269,25 @@ def surrogate(
             f"method='surrogate' needs at least 8 orderings (4 antithetic pairs, two per "
             f"half) but the budget gives {2 * pairs}; raise num_permutations or max_evaluations"
         )
-    walks = _Walks.concatenate(parts)
+    walks = Walks.concatenate(parts)
     everyone = torch.ones(n_players, dtype=torch.bool)
     half = (torch.arange(2 * pairs) // 2) % 2  # whole pairs go to one half
     estimates, variances = [], []
     for held_out in (0, 1):
         fit_rows, rows = half != held_out, half == held_out
         fitted = SurrogateGame.fit(*_evaluated(walks, fit_rows), seed=seed + held_out)
-        reference = _walk(
+        reference = walk(
             fitted,
-            _antithetic_orders(math.ceil(surrogate_permutations / 2), n_players, generator),
+            antithetic_orders(math.ceil(surrogate_permutations / 2), n_players, generator),
             importance,
             everyone,
         )
-        surrogate_rounds = _pair_means(reference.marginals(importance))
+        surrogate_rounds = pair_means(reference.marginals(importance))
         held = walks.subset(rows)
         residual_worth = held.worth.clone()
         known = ~held.worth.isnan()
         residual_worth[known] -= fitted(held.coalitions(*known.nonzero(as_tuple=True)))
-        residual_rounds = _pair_means(held.marginals(importance, residual_worth))
+        residual_rounds = pair_means(held.marginals(importance, residual_worth))
         estimates.append(surrogate_rounds.mean(0) + residual_rounds.mean(0))
         variances.append(
             surrogate_rounds.var(0) / len(surrogate_rounds)
@@ -553,7 +302,7 @@ def surrogate(
     )
 
 
-def _evaluated(walks: _Walks, rows: Tensor) -> tuple[Tensor, Tensor]:
+def _evaluated(walks: Walks, rows: Tensor) -> tuple[Tensor, Tensor]:
     """The coalitions evaluated along the walks in ``rows``, with their values."""
     worth = walks.worth[rows]
     walk_rows, steps = (~worth.isnan()).nonzero(as_tuple=True)
@@ -590,17 +339,21 @@ def truncated_monte_carlo(
     """
     _check_players(n_players)
     weighting = resolve_weighting(weighting, depth)
-    _check_budget(num_permutations=num_permutations, max_evaluations=max_evaluations)
-    if not (_is_number(truncation) and 0.0 <= truncation < 1.0):
-        raise ValueError(f"truncation={truncation!r} is not allowed; it must lie in [0, 1)")
+    check_options(
+        "tmc",
+        truncation=truncation,
+        num_permutations=num_permutations,
+        max_evaluations=max_evaluations,
+        seed=seed,
+    )
     start = time.perf_counter()
-    value = _MemoizedValue(value_fn, n_players)
+    value = MemoizedValue(value_fn, n_players)
     importance = weighting.size_importance(n_players)
-    pairs = _pairs_for_budget(num_permutations, max_evaluations)
-    stats = _sample_pairs(
+    pairs = pairs_for_budget(num_permutations, max_evaluations)
+    stats = sample_pairs(
         value,
         importance,
-        _blocks(pairs, 8),
+        split_into_blocks(pairs, 8),
         seed=seed,
         max_evaluations=max_evaluations,
         truncation=truncation,
@@ -650,26 +403,26 @@ def adaptive(
     """
     _check_players(n_players)
     weighting = resolve_weighting(weighting, depth)
-    _check_budget(num_permutations=num_permutations, max_evaluations=max_evaluations)
-    if bottom_k is None and tolerance is None:
-        raise ValueError("method='adaptive' needs a stop rule: set bottom_k, tolerance or both")
-    if bottom_k is not None and not (_is_integer(bottom_k) and 1 <= bottom_k < n_players):
+    check_options(
+        "adaptive",
+        bottom_k=bottom_k,
+        tolerance=tolerance,
+        confidence=confidence,
+        bound=bound,
+        num_permutations=num_permutations,
+        max_evaluations=max_evaluations,
+        min_rounds=min_rounds,
+        seed=seed,
+    )
+    if bottom_k is not None and bottom_k >= n_players:
         raise ValueError(f"bottom_k={bottom_k!r} is not allowed; it must lie in [1, {n_players})")
-    if tolerance is not None and not (_is_number(tolerance) and tolerance > 0):
-        raise ValueError(f"tolerance={tolerance!r} is not allowed; it must be positive")
-    if not (_is_number(confidence) and 0.0 < confidence < 1.0):
-        raise ValueError(f"confidence={confidence!r} is not allowed; it must lie in (0, 1)")
-    if bound not in BOUNDS:
-        raise ValueError(f"bound={bound!r} is not known; use one of {tuple(BOUNDS)}")
-    if not (_is_integer(min_rounds) and min_rounds >= 2):
-        raise ValueError(f"min_rounds={min_rounds!r} is not allowed; it must be an integer >= 2")
     start = time.perf_counter()
-    value = _MemoizedValue(value_fn, n_players)
+    value = MemoizedValue(value_fn, n_players)
     importance = weighting.size_importance(n_players)
-    pairs = _pairs_for_budget(num_permutations, max_evaluations)
+    pairs = pairs_for_budget(num_permutations, max_evaluations)
     radius = partial(BOUNDS[bound], error_rate=(1.0 - confidence) / n_players)
 
-    def unsure(stats: _RoundStatistics) -> Tensor:
+    def unsure(stats: RoundStatistics) -> Tensor:
         if stats.count.min() < min_rounds:
             return stats.count < min_rounds
         open_rules = []
@@ -683,9 +436,9 @@ def adaptive(
 
     def block_sizes() -> Iterator[int]:
         yield min(min_rounds, pairs)
-        yield from _blocks(pairs - min_rounds, per_block=4)
+        yield from split_into_blocks(pairs - min_rounds, per_block=4)
 
-    stats = _sample_pairs(
+    stats = sample_pairs(
         value,
         importance,
         block_sizes(),
@@ -696,7 +449,7 @@ def adaptive(
     return _estimate(stats, value, start)
 
 
-def _bernstein_radius(stats: _RoundStatistics, error_rate: float) -> Tensor:
+def _bernstein_radius(stats: RoundStatistics, error_rate: float) -> Tensor:
     """Half-width of the empirical Bernstein interval of each mean."""
     log_term = math.log(3.0 / error_rate)
     spread = stats.high - stats.low
@@ -705,7 +458,7 @@ def _bernstein_radius(stats: _RoundStatistics, error_rate: float) -> Tensor:
     ).sqrt() + 3 * spread * log_term / stats.count
 
 
-def _normal_radius(stats: _RoundStatistics, error_rate: float) -> Tensor:
+def _normal_radius(stats: RoundStatistics, error_rate: float) -> Tensor:
     """Half-width of the central-limit interval of each mean."""
     z = NormalDist().inv_cdf(1.0 - error_rate / 2)
     return z * stats.stderr
@@ -717,7 +470,7 @@ BOUNDS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def _unsure_of_bottom_k(stats: _RoundStatistics, k: int, radius: Tensor) -> Tensor:
+def _unsure_of_bottom_k(stats: RoundStatistics, k: int, radius: Tensor) -> Tensor:
     """Players whose side of the bottom-k cut the confidence intervals leave open."""
     mean = stats.mean
     bottom = torch.zeros_like(mean, dtype=torch.bool)
@@ -727,25 +480,152 @@ def _unsure_of_bottom_k(stats: _RoundStatistics, k: int, radius: Tensor) -> Tens
     return (bottom & (mean + radius >= lowest_rest)) | (~bottom & (mean - radius <= highest_bottom))
 
 
+# --------------------------------------------------------------------------- registry
+
+#: The estimators by the name ``method`` takes.
+ESTIMATORS: dict[str, Callable[..., ShapleyEstimate]] = {
+    "exact": exact,
+    "permutation": permutation,
+    "surrogate": surrogate,
+    "tmc": truncated_monte_carlo,
+    "adaptive": adaptive,
+}
+#: Bands up to this depth are enumerated exactly by default: ``1 + n + C(n, 2)`` coalitions.
+EXACT_BAND_DEPTH = 2
+
+
+def default_method(weighting: Weighting) -> str:
+    """``"exact"`` for a band shallow enough to enumerate, ``"surrogate"`` otherwise.
+
+    Example:
+        >>> default_method(Weighting("band", depth=1)), default_method(Weighting("shapley"))
+        ('exact', 'surrogate')
+    """
+    shallow = weighting.name == "band" and weighting.depth <= EXACT_BAND_DEPTH
+    return "exact" if shallow else "surrogate"
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An estimator with its options, checked: call it with a value function and a weighting.
+
+    Make one with :func:`resolve_estimator`.
+
+    Attributes:
+        method: a name of :data:`ESTIMATORS`.
+        options: its keyword options (budget, seed, stop rule...).
+    """
+
+    method: str
+    options: Mapping[str, object]
+
+    def __call__(
+        self, value_fn: ValueFunction, n_players: int, weighting: Weighting
+    ) -> ShapleyEstimate:
+        """The estimate of the game ``value_fn`` of ``n_players`` under ``weighting``."""
+        return ESTIMATORS[self.method](value_fn, n_players, weighting, **self.options)
+
+    def __str__(self) -> str:
+        options = ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+        return f"{self.method}({options})"
+
+
+def resolve_estimator(method: str | Estimator, options: Mapping[str, object]) -> Estimator:
+    """The estimator named ``method`` with ``options``, every option checked now.
+
+    A resolved :class:`Estimator` is returned as it is (``options`` must then be empty).
+
+    Raises:
+        ValueError: an unknown method, an option it does not take, or a value it cannot
+            take (naming the option, the value and what is allowed).
+
+    Example:
+        >>> resolve_estimator("adaptive", {"num_permutations": 64})
+        Traceback (most recent call last):
+        ...
+        ValueError: method='adaptive' needs a stop rule: set bottom_k, tolerance or both
+    """
+    if isinstance(method, Estimator):
+        if options:
+            raise ValueError(
+                f"{sorted(options)} were given beside the resolved estimator {method}; "
+                "set the options on the Estimator itself"
+            )
+        return method
+    if method not in ESTIMATORS:
+        raise ValueError(f"method={method!r} is not known; use one of {tuple(ESTIMATORS)}")
+    parameters = inspect.signature(ESTIMATORS[method]).parameters
+    allowed = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "depth"
+    ]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{unknown} are not options of method={method!r}; it takes {allowed}")
+    defaults = {name: parameters[name].default for name in allowed}
+    check_options(method, **(defaults | dict(options)))
+    return Estimator(method, dict(options))
+
+
 # --------------------------------------------------------------------------- checks
 
 
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def check_options(method: str, **options: object) -> None:
+    """Raises a ``ValueError`` for an option value ``method`` cannot take.
+
+    Only what holds whatever the number of players is checked here, so that a setting
+    fails where it enters; the estimators check the rest (``bottom_k < n``) themselves.
+    """
+    for name in ("num_permutations", "max_evaluations"):
+        if name in options:
+            check_int(name, options[name], 1, optional=True)
+    if "surrogate_permutations" in options:
+        check_int("surrogate_permutations", options["surrogate_permutations"], 1)
+    if "seed" in options and not is_int(options["seed"]):
+        raise ValueError(f"seed={options['seed']!r} is not allowed; it must be an integer")
+    if options.get("num_permutations", 0) is None and options.get("max_evaluations") is None:
+        raise ValueError(
+            f"method={method!r} needs a budget: give num_permutations or max_evaluations "
+            "(both are None)"
+        )
+    if method == "surrogate" and _too_few_for_surrogate(options.get("num_permutations")):
+        raise ValueError(
+            f"num_permutations={options['num_permutations']!r} is too few for "
+            "method='surrogate': it needs 8 orderings (4 antithetic pairs, two per half), "
+            "so num_permutations of at least 7"
+        )
+    if "truncation" in options:
+        truncation = options["truncation"]
+        if not (is_real(truncation) and 0.0 <= truncation < 1.0):
+            raise ValueError(f"truncation={truncation!r} is not allowed; it must lie in [0, 1)")
+    if method == "adaptive":
+        _check_adaptive(**options)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _too_few_for_surrogate(num_permutations: object) -> bool:
+    return is_int(num_permutations) and math.ceil(num_permutations / 2) < 4
+
+
+def _check_adaptive(
+    bottom_k: object = None,
+    tolerance: object = None,
+    confidence: object = 0.95,
+    bound: object = "bernstein",
+    min_rounds: object = 8,
+    **_budget: object,
+) -> None:
+    if bottom_k is None and tolerance is None:
+        raise ValueError("method='adaptive' needs a stop rule: set bottom_k, tolerance or both")
+    check_int("bottom_k", bottom_k, 1, optional=True)
+    if tolerance is not None and not (is_real(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance={tolerance!r} is not allowed; it must be positive")
+    if not (is_real(confidence) and 0.0 < confidence < 1.0):
+        raise ValueError(f"confidence={confidence!r} is not allowed; it must lie in (0, 1)")
+    if bound not in BOUNDS:
+        raise ValueError(f"bound={bound!r} is not known; use one of {tuple(BOUNDS)}")
+    check_int("min_rounds", min_rounds, 2)
 
 
 def _check_players(n_players: int) -> None:
-    if not _is_integer(n_players) or n_players < 1:
-        raise ValueError(f"n_players={n_players!r} is not allowed; it must be a positive integer")
-
-
-def _check_budget(**budgets: int | None) -> None:
-    for name, budget in budgets.items():
-        if budget is not None and not (_is_integer(budget) and budget >= 1):
-            raise ValueError(
-                f"{name}={budget!r} is not allowed; it must be a positive integer or None"
-            )
+    check_int("n_players", n_players, 1)

@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_shapley.shapley import estimators
-from lightning_shapley.shapley.estimators import ShapleyEstimate
-from lightning_shapley.shapley.game import Batch, ChannelGame
-from lightning_shapley.shapley.values import ValueSetting
-from lightning_shapley.shapley.weighting import Weighting
-
-METHODS: dict[str, Callable[..., ShapleyEstimate]] = {
-    "exact": estimators.exact,
-    "permutation": estimators.permutation,
-    "surrogate": estimators.surrogate,
-    "tmc": estimators.truncated_monte_carlo,
-    "adaptive": estimators.adaptive,
-}
-
-
-def resolve_estimator(method: str, options: Mapping[str, object]) -> Callable[..., ShapleyEstimate]:
-    """The estimator named ``method``, once ``options`` are known to be options it takes."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not known; use one of {tuple(METHODS)}")
-    estimator = METHODS[method]
-    allowed = [
-        name
-        for name, parameter in inspect.signature(estimator).parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "depth"
-    ]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"{unknown} are not options of method={method!r}; it takes {allowed}")
-    return estimator
+from lightning_shapley.shapley.estimators import Estimator, ShapleyEstimate, resolve_estimator
+from lightning_shapley.shapley.game import ChannelGame
+from lightning_shapley.shapley.values import Batch, ValueSetting
+from lightning_shapley.shapley.weighting import Weighting, resolve_weighting
 
 
 def shapley_values(
@@ -56,6 +30,8 @@ def shapley_values(
 ) -> ShapleyEstimate:
     """Estimate the value of each output channel of ``layer`` on the scoring ``batches``.
 
+    Every setting is checked before the model runs.
+
     Args:
         model: the model; it is left exactly as found.
         layer: qualified name of the module whose output channels are valued, or the
@@ -65,7 +41,7 @@ def shapley_values(
         value: ``"loss"``, ``"accuracy"``, a torchmetrics ``Metric`` or ``fn(logits, targets)``.
         weighting: ``"shapley"`` (the classic value), ``"banzhaf"`` or ``"band"``.
         depth: the band's depth ``r``, with ``weighting="band"``.
-        method: ``"exact"``, ``"permutation"``, ``"surrogate"``, ``"tmc"`` or ``"adaptive"``.
+        method: a name of :data:`~lightning_shapley.shapley.estimators.ESTIMATORS`.
         channel_dim: the channel dimension of the layers' outputs.
         pruned: boolean ``[C]`` of channels already pruned (kept out of every coalition).
         engine: how coalitions are evaluated, see
@@ -85,10 +61,22 @@ def shapley_values(
         (torch.Size([6]), 64)
     """
     estimator = resolve_estimator(method, estimator_options)
+    weighting = resolve_weighting(weighting, depth)
     game = ChannelGame(
         model, layer, batches, value=value, channel_dim=channel_dim, pruned=pruned, engine=engine
     )
-    estimate = estimator(game, game.n_players, weighting, depth=depth, **estimator_options)
+    return estimate_channels(game, weighting, estimator)
+
+
+def estimate_channels(
+    game: ChannelGame, weighting: Weighting, estimator: Estimator
+) -> ShapleyEstimate:
+    """The estimate of a game's players, spread over all the layer's channels.
+
+    Channels that are not players (already pruned) get value and standard error NaN and
+    no samples.
+    """
+    estimate = estimator(game, game.n_players, weighting)
     values = torch.full((game.n_channels,), math.nan, dtype=torch.float64)
     stderr = values.clone()
     samples = torch.zeros(game.n_channels, dtype=torch.long)

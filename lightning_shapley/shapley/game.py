@@ -15,8 +15,7 @@ them, as ``masking.prune_channels`` zeroes it in every producer and BatchNorm of
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +27,13 @@ from lightning_shapley.shapley.engines import (
     SplitForward,
     UnsplittableModelError,
 )
-from lightning_shapley.shapley.values import ValueSetting, resolve_value
-
-Batch = tuple[Tensor, Tensor]
+from lightning_shapley.shapley.values import (
+    Batch,
+    ValueFunction,
+    ValueSetting,
+    resolve_value,
+    scoring_mode,
+)
 
 ENGINES = ("auto", "split+fold", "split", "full")
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -40,22 +43,6 @@ _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *_BATCHNORMS)
 DEFAULT_MEMORY_BUDGET = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
 #: More coalitions per forward pass stop paying off beyond this on the CPU.
 MAX_COALITIONS_PER_FORWARD = 64
-
-
-@contextlib.contextmanager
-def scoring_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode without gradients; restores every module's train/eval flag afterwards.
-
-    The flags come back also when an exception or Ctrl-C interrupts the block.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class ChannelGame:
@@ -108,7 +95,7 @@ class ChannelGame:
         layer: str | Sequence[str],
         batches: Sequence[Batch],
         *,
-        value: ValueSetting = "loss",
+        value: ValueSetting | ValueFunction = "loss",
         channel_dim: int = 1,
         pruned: Tensor | None = None,
         engine: str = "auto",
@@ -140,7 +127,8 @@ class ChannelGame:
         found = dict(zip(names, modules, strict=True))  # each name once, in order
         self.layers: tuple[str, ...] = tuple(found)
         modules = list(found.values())
-        self._value_fn = resolve_value(value)
+        #: The coalition value, resolved.
+        self.value_function = resolve_value(value)
         inputs, self._targets = _checked_batches(batches, self.device)
         with scoring_mode(model):
             self._find_mask_points(modules, channel_dim, inputs[0])
@@ -263,7 +251,7 @@ class ChannelGame:
                 logits = torch.cat(
                     [self._forward(chunk, b) for b in range(len(self._targets))], dim=1
                 )
-                values.append(self._value_fn(logits, torch.cat(self._targets)))
+                values.append(self.value_function(logits, torch.cat(self._targets)))
         return torch.cat(values).to("cpu", torch.float64)
 
 

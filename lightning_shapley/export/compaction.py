@@ -1,0 +1,134 @@
+"""Compacting: a physically smaller model, with the pruned channels removed.
+
+A masked model (see :mod:`~lightning_shapley.pruning.masking`) still computes every
+channel; its pruned channels are merely exactly zero after their last coupled layer.
+:func:`compact` removes them: the producers lose those output channels, the BatchNorms
+those features, and the consumers the matching input channels (or input features, behind
+a ``Flatten``).
+
+torch-pruning does that surgery, not only the search for units: on a copy of the model,
+:func:`compact` builds a torch-pruning ``DependencyGraph`` and, for each unit, lets the
+pruning group of its first producer slice the pruned channels out of every coupled layer
+(weights, biases, BatchNorm statistics, the consumers' input channels, residual partners)
+and set the layers' size attributes (``out_channels``, ``num_features``, ``in_features``...)
+to match. What this package adds around it: which channels go (read from the masks), the
+masks baked in first, and a check that the outputs did not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from lightning_shapley.export._outputs import mismatch
+from lightning_shapley.pruning import masking, units
+from lightning_shapley.pruning.units import checked_example_inputs, traceable_copy
+
+
+def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.Module:
+    """A new model without the pruned channels, computing the same outputs as ``model``.
+
+    The model is deep-copied first and left exactly as it was. On the copy, each prunable
+    unit (``units.find_units``) reads its pruned channels from the masks
+    (``masking.pruned_channels``), every mask is baked in (``masking.make_permanent``), and
+    torch-pruning removes the pruned channels from every coupled layer: producers,
+    BatchNorms, consumers and residual partners. The copy keeps the model's train/eval
+    flags and ``requires_grad`` flags; it holds no pruning masks.
+
+    The outputs are checked on ``example_inputs`` in eval mode: a pruned channel is
+    removable only when it feeds zeros to its consumers, which holds after a masked
+    BatchNorm followed by ReLU-like activations, but not after, say, a sigmoid
+    (``sigmoid(0) = 0.5``).
+
+    Args:
+        model: a model masked by :mod:`~lightning_shapley.pruning.masking` (a model with
+            nothing pruned comes back as an equal copy).
+        example_inputs: a batch the model's forward takes, or a tuple of its positional
+            arguments. Real data makes the output check meaningful; zeros work too.
+
+    Returns:
+        The compacted copy.
+
+    Raises:
+        ValueError: if torch-pruning cannot trace the model, the model cannot be copied,
+            or the compacted copy's outputs on ``example_inputs`` differ from the masked
+            model's.
+
+    Example:
+        >>> from lightning_shapley.app.models import DigitsCNN
+        >>> net, x = DigitsCNN(channels=(4, 4, 8)).eval(), torch.randn(2, 1, 8, 8)
+        >>> unit = units.find_units(net, x)[0]
+        >>> masking.prune_channels(net, unit, torch.tensor([True, False, True, False]))
+        >>> small = compact(net, x)
+        >>> small.features[0].weight.shape, small.features[3].weight.shape
+        (torch.Size([2, 1, 3, 3]), torch.Size([4, 2, 3, 3]))
+        >>> torch.allclose(small(x), net(x), atol=1e-6)
+        True
+    """
+    args = checked_example_inputs(example_inputs)
+    replica = traceable_copy(model)
+    # traceable_copy turns requires_grad on for tracing; remember the model's flags by name.
+    requires_grad = {
+        id(copied): original.requires_grad
+        for original, copied in zip(model.parameters(), replica.parameters(), strict=True)
+    }
+    training = {name: module.training for name, module in replica.named_modules()}
+
+    found = units.find_units(replica, args)
+    pruned = {unit.name: masking.pruned_channels(replica, unit) for unit in found}
+    masking.make_permanent(replica)
+    flags = {name: requires_grad[id(p)] for name, p in replica.named_parameters()}
+
+    replica.eval()
+    with torch.no_grad():
+        expected = replica(*args)
+    graph = _dependency_graph(replica, args, type(model).__name__)
+    for unit in found:
+        idxs = pruned[unit.name].nonzero().flatten().tolist()
+        if not idxs:
+            continue
+        producer = replica.get_submodule(unit.producers[0])
+        pruner = graph.get_pruner_of_module(producer)
+        graph.get_pruning_group(producer, pruner.prune_out_channels, idxs=idxs).prune()
+    with torch.no_grad():
+        actual = replica(*args)
+    _check_outputs(expected, actual, type(model).__name__)
+
+    for name, parameter in replica.named_parameters():
+        parameter.requires_grad_(flags[name])
+    for name, module in replica.named_modules():
+        module.train(training[name])
+    return replica
+
+
+def _dependency_graph(
+    model: nn.Module, args: tuple[Tensor, ...], model_name: str
+) -> tp.DependencyGraph:
+    def forward(module: nn.Module, inputs: tuple[Tensor, ...]) -> object:
+        return module(*inputs)  # the tuple as given, not split into samples
+
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, args, forward_fn=forward, verbose=False
+            )
+    except Exception as error:
+        raise ValueError(
+            f"torch-pruning could not trace {model_name} on example_inputs, so its pruned "
+            f"channels cannot be removed ({type(error).__name__}: {error})"
+        ) from error
+
+
+def _check_outputs(expected: object, actual: object, model_name: str) -> None:
+    problem = mismatch(expected, actual)
+    if problem:
+        raise ValueError(
+            f"removing the pruned channels of {model_name} changed its outputs on "
+            f"example_inputs (the compacted copy {problem}): a pruned channel feeds a "
+            "non-zero value to its consumers (an activation with f(0) != 0 between the "
+            "masked layer and its consumer, or a coupling torch-pruning and find_units see "
+            "differently)"
+        )
