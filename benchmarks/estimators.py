@@ -38,7 +38,8 @@ from lightning_shapley.app.data import digits_splits
 from lightning_shapley.app.models import DigitsCNN
 from lightning_shapley.shapley import estimators
 from lightning_shapley.shapley.allocator import retain_freed_memory
-from lightning_shapley.shapley.game import ChannelGame, scoring_mode
+from lightning_shapley.shapley.game import ChannelGame
+from lightning_shapley.shapley.values import scoring_mode
 
 RESULTS = Path(__file__).parent / "results"
 LAYER, BATCHNORM = "features.3", "features.4"  # the second block: its conv and its BN

@@ -30,7 +30,6 @@ smoke run). It prints markdown tables and writes ``benchmarks/results/quality.js
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -49,9 +48,16 @@ from lightning_shapley.app.data import digits_splits
 from lightning_shapley.app.models import DigitsCNN
 from lightning_shapley.pruning.masking import copy_model
 from lightning_shapley.pruning.rounds import RoundPruner
-from lightning_shapley.pruning.scorers import Scorer, ShapleyScorer, resolve_scorer
+from lightning_shapley.pruning.scorers import (
+    BatchNormScorer,
+    L1Scorer,
+    RandomScorer,
+    Scorer,
+    ShapleyScorer,
+    TaylorScorer,
+)
 from lightning_shapley.pruning.units import find_units
-from lightning_shapley.shapley.game import scoring_mode
+from lightning_shapley.shapley.values import scoring_mode
 
 RESULTS = Path(__file__).parent / "results"
 SPARSITIES = (0.25, 0.5, 0.625, 0.75)
@@ -205,23 +211,18 @@ def methods() -> list[Method]:
     defaults = ShapleyPruning()
 
     def default_scorer(seed: int) -> Scorer:
-        scorer = copy.copy(defaults.scorer)
-        if isinstance(scorer, ShapleyScorer) and "seed" in scorer.options:
-            scorer.options = scorer.options | {"seed": seed}
-        return scorer
+        return ShapleyPruning(seed=seed).scorer
 
     return [
         Method("shapley (default)", default_scorer, defaults.removal_step, defaults.interleave),
         Method(
             "classic shapley",
-            lambda seed: resolve_scorer(
-                "shapley", seed=seed, method="permutation", num_permutations=50
-            ),
+            lambda seed: ShapleyScorer(seed=seed, method="permutation", num_permutations=50),
         ),
-        Method("l1", lambda seed: resolve_scorer("l1")),
-        Method("bn_gamma", lambda seed: resolve_scorer("bn_gamma")),
-        Method("taylor", lambda seed: resolve_scorer("taylor")),
-        Method("random", lambda seed: resolve_scorer("random", seed=seed)),
+        Method("l1", lambda seed: L1Scorer()),
+        Method("bn_gamma", lambda seed: BatchNormScorer()),
+        Method("taylor", lambda seed: TaylorScorer()),
+        Method("random", lambda seed: RandomScorer(seed)),
         Method("greedy per layer", leave_one_out, removal_step=1),
         # As measured in DESIGN.md: BatchNorm re-estimated after each round.
         Method(

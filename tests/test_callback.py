@@ -503,8 +503,11 @@ def test_until_drop_under_ddp_judges_and_rolls_back_alike_on_every_process(
                 as_tensor(theirs["values"][name]), as_tensor(values), equal_nan=True
             )
     assert [e["rolled_back"] for e in history] == [False] * (len(history) - 1) + [True]
-    assert len(history) >= 3  # at least one step held (each process trains on half the data)
-    restored = masks_of(history[-3])
+    # Which step breaks the tolerance depends on the arithmetic (threads, instruction set);
+    # whichever it is, the masks go back to those before it: dense if it was the first.
+    assert len(history) >= 2
+    dense = {name: torch.zeros_like(mask) for name, mask in masks_of(history[0]).items()}
+    restored = masks_of(history[-3]) if len(history) >= 3 else dense
     for name, mask in restored.items():
         assert torch.equal(masks_of(history[-1])[name], mask)
         assert torch.equal(first["masks"][name], mask) and torch.equal(second["masks"][name], mask)
@@ -595,6 +598,22 @@ def bad_batches() -> DataLoader:
             r"schedule=UntilDrop\(.*\) replaces amount, epochs and ramp, but got epochs=\[1\]",
         ),
         ({"schedule": "cubic", "epochs": None}, r"schedule='cubic' is not a pruning schedule"),
+        ({"layers": "net.features.0"}, r"layers='net.features.0' is a string"),
+        ({"method": "adaptive"}, r"method='adaptive' needs a stop rule"),
+        ({"method": "surrogate", "num_permutations": 4}, r"num_permutations=4 is too few"),
+        (
+            {"method": "adaptive", "estimator_options": {"tolerance": -1.0}},
+            r"tolerance=-1.0 is not allowed",
+        ),
+        ({"estimator_options": {"bottom_k": 3}}, r"\['bottom_k'\] are not options of"),
+        (
+            {"scorer": ShapleyScorer(value="accuracy"), "weighting": "shapley"},
+            r"is a scorer instance.*weighting='shapley' were given as well",
+        ),
+        (
+            {"scorer": ShapleyScorer(value="loss"), "value": "accuracy"},
+            r"is a scorer instance.*value='accuracy' were given as well",
+        ),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path: Path, options: dict, message: str) -> None:
@@ -608,3 +627,59 @@ def test_bad_settings_fail_before_training(tmp_path: Path, options: dict, messag
     after = module.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_scorer_instance_brings_its_value_and_settings_to_the_callback() -> None:
+    scorer = ShapleyScorer(value="accuracy", weighting="band", method="exact")
+    pruning = ShapleyPruning(scorer=scorer)
+    assert pruning.scorer is scorer
+    assert pruning.value_function is scorer.value_function  # judged with what it scores
+    assert pruning.value_function.name == "accuracy"
+
+
+def test_estimator_options_reach_the_estimator() -> None:
+    pruning = ShapleyPruning(method="adaptive", estimator_options={"tolerance": 0.01})
+    assert pruning.scorer.estimator.method == "adaptive"
+    assert pruning.scorer.estimator.options == {
+        "num_permutations": 32,
+        "seed": 0,
+        "tolerance": 0.01,
+    }
+
+
+def test_a_game_is_built_once_per_unit_per_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[tuple[str, ...]] = []
+    original = ChannelGame.__init__
+
+    def counting_init(self, model, layer, *args, **kwargs) -> None:
+        built.append(tuple(layer))
+        original(self, model, layer, *args, **kwargs)
+
+    monkeypatch.setattr(ChannelGame, "__init__", counting_init)
+    pruning = ShapleyPruning(amount=0.5, epochs=[0, 1], reporter=False)
+    trainer = make_trainer(tmp_path, 2, [pruning], enable_checkpointing=False)
+    trainer.fit(make_module(), datamodule=DigitsDataModule(batch_size=64))
+
+    units = [(*unit.producers, *unit.batchnorms) for unit in pruning.units]
+    assert built == units * 2  # two steps, each game once, though each step has many rounds
+    # The first step had many rounds: one round of every unit is sum(n + 1) evaluations.
+    assert pruning.history[0]["evaluations"] > 5 * (sum(CHANNELS) + len(CHANNELS))
+
+
+def test_two_callbacks_on_one_trainer_keep_their_own_state(tmp_path: Path) -> None:
+    first = ShapleyPruning(amount=0.5, epochs=[0], layers=["net.features.0"], reporter=False)
+    second = ShapleyPruning(
+        amount=0.25, epochs=[1], layers=["net.features.3"], scorer="l1", reporter=False
+    )
+    assert first.state_key != second.state_key
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path, 2, [first, second, checkpoint])
+    module = make_module()
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]
+    assert saved[first.state_key]["history"][-1]["masks"].keys() == {"net.features.0"}
+    assert saved[second.state_key]["history"][-1]["masks"].keys() == {"net.features.3"}
+    assert first.history[-1]["sparsity"] == 0.5 and second.history[-1]["sparsity"] == 0.25

@@ -56,6 +56,7 @@ def test_main_job_runs_the_whole_pipeline(
         "weighting": "band",
         "depth": 1,
         "num_permutations": None,
+        "options": {},
     }
     assert 0.0 <= result["pruned"]["test_accuracy"] <= 1.0
     assert result["dense"]["parameters"] == 2034 > result["pruned"]["parameters"] == 590

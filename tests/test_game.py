@@ -33,6 +33,7 @@ from torchmetrics.classification import MulticlassF1Score
 from lightning_shapley import ChannelGame, shapley_values
 from lightning_shapley.app.models import DigitsCNN
 from lightning_shapley.pruning.masking import prune_channels, pruned_channels
+from lightning_shapley.pruning.recalibration import batchnorms
 from lightning_shapley.pruning.units import PrunableUnit, find_units
 from lightning_shapley.shapley.engines import UnsplittableModelError
 from lightning_shapley.shapley.estimators import exact
@@ -780,3 +781,70 @@ def test_coupled_unit_of_an_untraceable_model_falls_back_to_full(score_batches):
     model = _seeded(DataDependentCNN)
     game = ChannelGame(model, ["conv", "bn"], score_batches)
     assert game.engine == "full" and game.mask_module_names == ("bn",)
+
+
+# ------------------------------------------------------------------- a game kept across rounds
+
+
+@pytest.mark.parametrize("kind", ["digits-cnn", "residual", "inverted-residual"])
+def test_a_refreshed_game_values_coalitions_as_a_new_one(trained_cnn, score_batches, kind):
+    if kind == "digits-cnn":
+        model, batches = copy.deepcopy(trained_cnn).eval(), score_batches
+    else:
+        model = _seeded(ResidualNet if kind == "residual" else InvertedResidualNet).eval()
+        batches = _image_batches(model)
+    units = find_units(model, batches[0][0])
+    unit = units[0]
+    game = ChannelGame.from_unit(model, unit, batches)
+    # Every unit loses channels and the statistics change, as between two rounds.
+    for other in units:
+        prune_channels(model, other, _every_third(other.n_channels))
+    for norm in batchnorms(model):
+        norm.running_mean.add_(0.1)
+    pruned = pruned_channels(model, unit)
+    game.refresh(pruned)
+    fresh = ChannelGame.from_unit(model, unit, batches, pruned=pruned)
+
+    assert game.engine != "full" and torch.equal(game.players, fresh.players)
+    coalitions = random_coalitions(game.n_players, m=12, seed=3)
+    torch.testing.assert_close(game(coalitions), fresh(coalitions), rtol=0, atol=1e-5)
+    game.release()
+    with pytest.raises(RuntimeError, match="call recache"):
+        game(coalitions)
+
+
+def _every_third(n: int) -> Tensor:
+    pruned = torch.zeros(n, dtype=torch.bool)
+    pruned[::3] = True
+    return pruned
+
+
+def _image_batches(model: nn.Module) -> Batches:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 1, 8, 8, generator=generator)
+    with torch.no_grad():
+        classes = model(x[0]).shape[1]
+    return [(x[i], torch.randint(0, classes, (16,), generator=generator)) for i in range(2)]
+
+
+def test_a_linear_unit_plays_its_last_dimension_whatever_the_leading_shape():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.Flatten()).eval()
+    tokens = torch.randn(8, 7, 5)  # [B, T, F] with T == the hidden width, the trap of old
+    targets = torch.randint(0, 3, (8, 7 * 3 // 3))
+    (unit,) = find_units(model, tokens)
+    assert unit.n_channels == 7
+    batches = [(tokens, targets[:, 0])]
+
+    def value(logits: Tensor, y: Tensor) -> float:
+        return -float(logits.abs().mean())
+
+    game = ChannelGame.from_unit(model, unit, batches, value=value)
+    assert game.channel_dim == 2
+    coalition = torch.ones(1, 7, dtype=torch.bool)
+    coalition[0, 4] = False
+    reference = copy.deepcopy(model)
+    prune_channels(reference, unit, ~coalition[0])
+    with torch.no_grad():
+        expected = value(reference(tokens), targets)
+    assert game(coalition).item() == pytest.approx(expected, abs=1e-6)

@@ -13,7 +13,7 @@ from lightning_shapley import ShapleyPruning
 from lightning_shapley.pruning.masking import copy_model, pruned_channels
 from lightning_shapley.pruning.recalibration import recalibrate_batchnorm
 from lightning_shapley.pruning.rounds import RoundPruner
-from lightning_shapley.pruning.scorers import LeaveOneOutScorer, ShapleyScorer, resolve_scorer
+from lightning_shapley.pruning.scorers import L1Scorer, LeaveOneOutScorer, ShapleyScorer
 from lightning_shapley.pruning.units import find_units
 from lightning_shapley.shapley.values import scoring_mode
 
@@ -103,8 +103,8 @@ def test_default_pipeline_keeps_a_better_coalition_than_classic_shapley_and_l1(
         "default": RoundPruner(
             units, default.scorer, removal_step=default.removal_step, interleave=default.interleave
         ),
-        "classic": RoundPruner(units, resolve_scorer("shapley", method="permutation")),
-        "l1": RoundPruner(units, resolve_scorer("l1")),
+        "classic": RoundPruner(units, ShapleyScorer(method="permutation")),
+        "l1": RoundPruner(units, L1Scorer()),
     }
     kept = {}
     for name, pruner in contenders.items():
@@ -147,7 +147,7 @@ def test_statistics_are_re_estimated_after_every_turn_or_every_round(
     calls = []
     pruner = RoundPruner(
         units,
-        resolve_scorer("l1"),
+        L1Scorer(),
         removal_step=0.25,
         interleave=True,
         recalibrate_each_turn=each_turn,
@@ -161,9 +161,7 @@ def test_statistics_are_re_estimated_after_every_turn_or_every_round(
 def test_global_rounds_respect_min_channels(trained_cnn, score_batches):
     units = find_units(trained_cnn, score_batches[0][0][:2])
     model = copy_model(trained_cnn)
-    pruner = RoundPruner(
-        units, resolve_scorer("l1"), scope="global", min_channels=12, removal_step=4
-    )
+    pruner = RoundPruner(units, L1Scorer(), scope="global", min_channels=12, removal_step=4)
     pruner.prune(model, score_batches, 0.75)
     kept = [unit.n_channels - int(pruned_channels(model, unit).sum()) for unit in units]
     # 75% of the 64 channels would leave 16; min_channels stops every unit at 12 first.
@@ -182,7 +180,7 @@ def test_global_rounds_respect_min_channels(trained_cnn, score_batches):
 )
 def test_bad_round_settings_fail_with_the_setting(settings, message):
     with pytest.raises(ValueError, match=message):
-        RoundPruner([], resolve_scorer("l1"), **settings)
+        RoundPruner([], L1Scorer(), **settings)
 
 
 @pytest.mark.parametrize(

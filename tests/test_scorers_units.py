@@ -19,10 +19,20 @@ from models_for_tests import (
 )
 from torch import nn
 
+from lightning_shapley.layers import (
+    BATCHNORM,
+    CONVOLUTION,
+    LAYER_KINDS,
+    LINEAR,
+    is_depthwise,
+    kind_of,
+)
 from lightning_shapley.pruning.masking import prune_channels, pruned_channels
-from lightning_shapley.pruning.scorers import ShapleyScorer, resolve_scorer
+from lightning_shapley.pruning.scorers import ShapleyScorer, make_scorer
 from lightning_shapley.pruning.units import PrunableUnit, find_units
 from lightning_shapley.shapley.estimators import exact
+from lightning_shapley.shapley.values import resolve_value
+from lightning_shapley.shapley.weighting import Weighting
 
 
 def coupled_unit(factory: type[nn.Module], name: str, batches: list) -> tuple:
@@ -44,7 +54,7 @@ COUPLED = [
 @pytest.mark.parametrize(("factory", "name"), COUPLED)
 def test_shapley_scorer_checks_units_of_several_producers(score_batches, factory, name):
     _, unit = coupled_unit(factory, name, score_batches)
-    resolve_scorer("shapley").check(unit)  # raises for a unit it cannot score
+    ShapleyScorer().check(unit)  # raises for a unit it cannot score
 
 
 @pytest.mark.parametrize(("factory", "name"), COUPLED)
@@ -89,3 +99,39 @@ def test_channels_pruned_before_score_nan_and_stay_pruned(score_batches, pass_pr
 
     expected = exact(reference, len(survivors)).values
     torch.testing.assert_close(scores.values[survivors], expected, atol=1e-5, rtol=0)
+
+
+def test_make_scorer_passes_resolved_settings_down_once():
+    value = resolve_value("accuracy")
+    scorer = make_scorer("shapley", value=value, seed=3)
+    assert scorer.value_function is value
+    assert scorer.weighting == Weighting("band", depth=1)
+    assert scorer.estimator.method == "exact" and scorer.estimator.options == {}
+    sampled = make_scorer("shapley", value=value, weighting="shapley", num_permutations=8)
+    assert sampled.estimator.method == "surrogate"
+    assert sampled.estimator.options == {"num_permutations": 8, "seed": 0}
+    assert make_scorer("loo", value=value).value_function is value
+    assert make_scorer("random", value=value, seed=2).name == "random"
+
+
+def test_a_scorer_instance_refuses_settings_beside_it():
+    scorer = ShapleyScorer()
+    assert make_scorer(scorer, value=resolve_value("loss")) is scorer
+    with pytest.raises(ValueError, match=r"depth=2, seed=5 were given as well"):
+        make_scorer(scorer, value=resolve_value("loss"), depth=2, seed=5)
+
+
+def test_every_layer_kind_names_its_channel_parameters_and_axes():
+    examples = {
+        CONVOLUTION: nn.Conv1d(3, 4, 3),
+        LINEAR: nn.Linear(3, 4),
+        BATCHNORM: nn.BatchNorm2d(4),
+    }
+    assert set(examples) == set(LAYER_KINDS)
+    for kind, module in examples.items():
+        assert kind_of(module) is kind
+        for name, dim in kind.channel_parameters(module):
+            assert getattr(module, name).shape[dim] == getattr(module, kind.out_attribute)
+    assert kind_of(nn.Conv2d(4, 8, 3, groups=2)).problem(nn.Conv2d(4, 8, 3, groups=2))
+    assert is_depthwise(nn.Conv2d(4, 4, 3, groups=4))
+    assert kind_of(nn.GroupNorm(2, 4)) is None

@@ -30,6 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_shapley import export
 from lightning_shapley.app.summary import RESULT_FILE, format_summary
+from lightning_shapley.checks import is_int
+from lightning_shapley.pruning import record
+from lightning_shapley.pruning.scorers import ShapleyScorer
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +186,7 @@ def _set_threads(threads: int | None) -> None:
         threads = _joblib_share()
     if threads is None:
         return
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+    if not is_int(threads) or threads < 1:
         raise SettingError(f"threads={threads!r} is not allowed; use a positive integer or null")
     torch.set_num_threads(threads)
 
@@ -285,14 +288,13 @@ def _result(
             "dir": str(output_dir),
         },
         "scorer": scorer,
-        "estimator": _estimator(cfg) if scorer == "shapley" else None,
+        "estimator": _estimator(pruning.scorer) if scorer == "shapley" else None,
         "value": OmegaConf.to_container(cfg.pruning, resolve=True).get("value"),
         "amount": pruning.amount,
         "scope": pruning.scope,
-        # How a step removes its channels (the callback's rounds; absent from older ones).
+        # How a step removes its channels: the callback's rounds.
         "rounds": {
-            name: getattr(pruning, name, None)
-            for name in ("removal_step", "interleave", "recalibrate")
+            name: getattr(pruning, name) for name in ("removal_step", "interleave", "recalibrate")
         },
         "schedule": repr(pruning.schedule),
         "seed": cfg.seed,
@@ -318,34 +320,23 @@ def _result(
             "seconds": sum(h.get("scoring_seconds", 0.0) for h in history),
             "evaluations": sum(h.get("evaluations", 0) for h in history),
         },
-        "steps": [{k: h[k] for k in _STEP_KEYS if k in h} for h in pruning.history],
+        "steps": [record.scalars(h) for h in pruning.history],
         "export": _export(cfg, job.module, example, test_batches, output_dir / "export"),
         "export_batch_size": len(example),  # the latencies are per forward of this batch
     }
     return result
 
 
-_STEP_KEYS = (
-    "epoch",
-    "target_sparsity",
-    "sparsity",
-    "parameters",
-    "rolled_back",
-    "accuracy_before",
-    "accuracy_after",
-    "value_before",
-    "value_after",
-    "scoring_seconds",
-    "evaluations",
-)
-
-
-def _estimator(cfg: DictConfig) -> dict[str, Any]:
-    node = OmegaConf.to_container(cfg.pruning, resolve=True)
-    estimator = {k: node.get(k) for k in ("method", "weighting", "depth", "num_permutations")}
-    if estimator["method"] == "exact":  # enumeration has no sampling budget
-        estimator["num_permutations"] = None
-    return estimator
+def _estimator(scorer: ShapleyScorer) -> dict[str, Any]:
+    """The Shapley scorer's estimator as it was resolved (not as the config spelled it)."""
+    options = dict(scorer.estimator.options)
+    return {
+        "method": scorer.estimator.method,
+        "weighting": scorer.weighting.name,
+        "depth": scorer.weighting.depth,
+        "num_permutations": options.pop("num_permutations", None),  # None: exact, no budget
+        "options": {name: value for name, value in options.items() if name != "seed"},
+    }
 
 
 def _accuracy(metrics: dict[str, float]) -> float | None:

@@ -107,6 +107,7 @@ def _describe_estimator(estimator: dict[str, Any] | None) -> str:
     parts.append(estimator["method"])
     if estimator["method"] != "exact":
         parts.append(f"{estimator['num_permutations']} permutations")
+    parts += [f"{name}={value}" for name, value in estimator.get("options", {}).items()]
     return f" ({', '.join(parts)})"
 
 

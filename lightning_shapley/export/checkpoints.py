@@ -16,17 +16,20 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from lightning_shapley.layers import LAYER_KINDS
+
 # Marks a save_compact file; the number changes if its layout does.
 _CHECKPOINT_FORMAT = "lightning_shapley.compact/1"
-# The constructor arguments that fix the shapes of each layer kind torch-pruning resizes.
-_SHAPE_ATTRIBUTES: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
-    (nn.modules.conv._ConvNd, ("in_channels", "out_channels", "groups")),
-    (nn.Linear, ("in_features", "out_features")),
-    (nn.modules.batchnorm._NormBase, ("num_features",)),  # BatchNorm, InstanceNorm
-    (nn.LayerNorm, ("normalized_shape",)),
-    (nn.GroupNorm, ("num_channels",)),
-    (nn.PReLU, ("num_parameters",)),
-    (nn.Embedding, ("num_embeddings", "embedding_dim")),
+# The constructor arguments that fix the shapes of each layer kind torch-pruning resizes:
+# the layer-kind table's, then those torch-pruning resizes outside any unit of ours.
+_SHAPE_ATTRIBUTES: tuple[tuple[tuple[type[nn.Module], ...], tuple[str, ...]], ...] = (
+    *((kind.types, kind.shape_attributes) for kind in LAYER_KINDS),
+    ((nn.modules.conv._ConvNd,), ("in_channels", "out_channels", "groups")),  # transposed
+    ((nn.modules.batchnorm._NormBase,), ("num_features",)),  # InstanceNorm
+    ((nn.LayerNorm,), ("normalized_shape",)),
+    ((nn.GroupNorm,), ("num_channels",)),
+    ((nn.PReLU,), ("num_parameters",)),
+    ((nn.Embedding,), ("num_embeddings", "embedding_dim")),
 )
 
 

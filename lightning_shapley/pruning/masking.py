@@ -15,37 +15,30 @@ stays pruned. Masks are cumulative: a channel pruned once stays pruned, unless
 :func:`set_pruned_channels` un-prunes it (to roll a step back).
 
 State dicts: a masked model saves ``<module>.<p>_orig`` and ``<module>.<p>_mask`` in place
-of ``<module>.<p>``, so its state dict loads only into a model masked the same way; call
-:func:`restore_masks` on a fresh model first (what resuming from a checkpoint needs).
+of ``<module>.<p>``, so its state dict loads only into a model masked the same way.
 :func:`make_permanent` bakes the zeros in and leaves plain parameters, whose state dict
 loads into a fresh model of the same class.
+
+Which parameters hold a unit's channels, and along which dimension, is the layer-kind
+table's to say (:mod:`~lightning_shapley.layers`).
+
+The module is longer than most (about 550 lines) on purpose: every function here reads
+the same reparametrization internals (``<p>_orig``, ``<p>_mask``, the pruning hooks and
+their ``ChannelMask`` records), and split in two, each half would reach into the other's
+private helpers.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-#: Producers whose output channels are the first dimension of their weight.
-_OUT_DIM_0 = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-#: Producers whose output channels are the second dimension of their weight.
-_OUT_DIM_1 = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-class Unit(Protocol):
-    """What this module reads of a prunable unit (``units.PrunableUnit`` has it)."""
-
-    name: str
-    producers: tuple[str, ...]
-    batchnorms: tuple[str, ...]
-    consumers: tuple[str, ...]
-    n_channels: int
-
+from lightning_shapley.checks import is_int
+from lightning_shapley.layers import NORM, PRODUCER, Unit, kind_of
 
 # (module name, module, parameter name, channel dimension of that parameter)
 _Target = tuple[str, nn.Module, str, int]
@@ -78,7 +71,7 @@ class ChannelMask(prune.BasePruningMethod):
                 f"pruned is {_describe(pruned)}; it must be a 1-D boolean tensor, one entry "
                 "per channel"
             )
-        if not isinstance(dim, int) or isinstance(dim, bool):
+        if not is_int(dim):
             raise ValueError(f"dim={dim!r} is not allowed; it must be an integer")
         self.pruned = pruned.detach().cpu().clone()
         self.dim = dim
@@ -388,78 +381,19 @@ def make_permanent(model: nn.Module) -> None:
             del hooks[key]
 
 
-def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Re-create on ``model`` the masks saved in ``state_dict``, so that it loads.
-
-    A masked model's state dict holds ``<module>.<p>_orig`` and ``<module>.<p>_mask``
-    where a fresh model has ``<module>.<p>``. For every such pair, the parameter ``p`` is
-    reparametrized with the saved mask (``prune.custom_from_mask``); parameters masked
-    already are left for ``load_state_dict`` to overwrite. Then
-    ``model.load_state_dict(state_dict)`` works, and each masked parameter is recomputed
-    from the loaded ``_orig`` and ``_mask`` right after loading, not only at the next
-    forward. Everything is checked before anything changes.
-
-    Args:
-        model: a model of the class that saved ``state_dict``.
-        state_dict: keys relative to ``model`` (strip a LightningModule's prefix first).
-
-    Raises:
-        ValueError: a mask names a module or parameter ``model`` does not have, or its
-            shape differs from the parameter's.
-
-    Example:
-        >>> saved = nn.Linear(3, 2)
-        >>> _ = ChannelMask.apply(saved, "weight", torch.tensor([True, False]))
-        >>> fresh = nn.Linear(3, 2)
-        >>> restore_masks(fresh, saved.state_dict())
-        >>> _ = fresh.load_state_dict(saved.state_dict())
-        >>> bool(fresh.weight[0].eq(0).all())
-        True
-    """
-    modules = dict(model.named_modules())
-    plan = []
-    for key, mask in state_dict.items():
-        base = key.removesuffix("_mask")
-        if base == key or base + "_orig" not in state_dict:
-            continue
-        module_name, _, name = base.rpartition(".")
-        module = modules.get(module_name)
-        if module is None:
-            raise ValueError(
-                f"state_dict holds the mask {key!r}, but {type(model).__name__} has no "
-                f"module {module_name!r}; restore masks into a model of the class that saved them"
-            )
-        current = _maskable(module, name)
-        if current is None:
-            raise ValueError(
-                f"state_dict holds the mask {key!r}, but module {module_name!r} "
-                f"({type(module).__name__}) has no parameter {name!r} to mask"
-            )
-        if tuple(mask.shape) != tuple(current.shape):
-            raise ValueError(
-                f"the mask {key!r} has shape {tuple(mask.shape)}, but parameter "
-                f"{base!r} has shape {tuple(current.shape)}; they must match"
-            )
-        plan.append((module, name, mask, current))
-    for module, name, mask, current in plan:
-        if _pruning_hook(module, name)[1] is None:
-            prune.custom_from_mask(module, name, mask.detach().to(current.device))
-        _refresh_after_loading(module)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
 def _coupled_parameters(model: nn.Module, unit: Unit) -> list[_Target]:
     """Every parameter coupled to the unit's channels, checked against ``n_channels``."""
     n = unit.n_channels
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"unit {unit.name!r} has n_channels={n!r}; it must be a positive integer")
     if not unit.producers:
         raise ValueError(f"unit {unit.name!r} has no producers; it needs at least one")
     modules = dict(model.named_modules())
     targets: list[_Target] = []
-    for role, names in (("producer", unit.producers), ("batchnorm", unit.batchnorms)):
+    for role, names in ((PRODUCER, unit.producers), (NORM, unit.batchnorms)):
         for module_name in names:
             module = modules.get(module_name) if module_name else None
             if module is None:
@@ -467,9 +401,7 @@ def _coupled_parameters(model: nn.Module, unit: Unit) -> list[_Target]:
                     f"unit {unit.name!r} names the {role} {module_name!r}, which is not a "
                     f"module of {type(model).__name__}"
                 )
-            check = _producer_parameters if role == "producer" else _batchnorm_parameters
-            params = check(unit.name, module_name, module)
-            for name, dim in params:
+            for name, dim in _channel_parameters(unit.name, module_name, module, role):
                 size = _maskable(module, name).shape[dim]
                 if size != n:
                     raise ValueError(
@@ -489,7 +421,7 @@ def _channel_tensors(model: nn.Module, unit: Unit) -> list[tuple[str, Tensor, in
     ]
     for module_name in unit.batchnorms:
         module = model.get_submodule(module_name)
-        for name in ("running_mean", "running_var"):
+        for name in kind_of(module).statistics:
             buffer = getattr(module, name, None)
             if isinstance(buffer, Tensor):
                 tensors.append((f"{module_name}.{name}", buffer, 0))
@@ -507,46 +439,23 @@ def _channel_flags(unit: Unit, flags: object, argument: str) -> Tensor:
     return flags.detach().cpu()
 
 
-def _producer_parameters(unit: str, module_name: str, module: nn.Module) -> list[tuple[str, int]]:
-    if isinstance(module, _OUT_DIM_1):
-        if module.groups != 1:
-            raise ValueError(
-                f"the producer {module_name!r} of unit {unit!r} is a {type(module).__name__} "
-                f"with groups={module.groups}; transposed convolutions are supported with "
-                "groups=1 only"
-            )
-        dim = 1
-    elif isinstance(module, _OUT_DIM_0):
-        dim = 0
-    else:
-        allowed = ", ".join(t.__name__ for t in (*_OUT_DIM_0, *_OUT_DIM_1))
+def _channel_parameters(
+    unit: str, module_name: str, module: nn.Module, role: str
+) -> list[tuple[str, int]]:
+    """The ``(parameter, dim)`` holding the unit's channels in a module, as its kind says."""
+    kind = kind_of(module)
+    if kind is None or kind.role != role:
         raise ValueError(
-            f"the producer {module_name!r} of unit {unit!r} is a {type(module).__name__}; "
-            f"producers must be one of {allowed}"
+            f"the {role} {module_name!r} of unit {unit!r} is a {type(module).__name__}; a "
+            f"{role} must be a layer of a kind in the layer-kind table whose role is {role}"
         )
-    params = [("weight", dim)]
-    if getattr(module, "bias", None) is not None:
-        params.append(("bias", 0))
+    problem = kind.problem(module)
+    if problem is not None:
+        raise ValueError(f"the {role} {module_name!r} of unit {unit!r} is {problem}")
+    params = kind.channel_parameters(module)
     for name, _ in params:
         _check_maskable(unit, module_name, module, name)
     return params
-
-
-def _batchnorm_parameters(unit: str, module_name: str, module: nn.Module) -> list[tuple[str, int]]:
-    if not isinstance(module, nn.modules.batchnorm._NormBase):
-        raise ValueError(
-            f"the batchnorm {module_name!r} of unit {unit!r} is a {type(module).__name__}; "
-            "it must be a BatchNorm (or InstanceNorm) module"
-        )
-    if not module.affine:
-        raise ValueError(
-            f"the batchnorm {module_name!r} of unit {unit!r} has affine=False: with no weight "
-            "and bias to mask, its shift -running_mean/sqrt(running_var) would leak through "
-            "a pruned channel; use affine=True"
-        )
-    for name in ("weight", "bias"):
-        _check_maskable(unit, module_name, module, name)
-    return [("weight", 0), ("bias", 0)]
 
 
 def _check_maskable(unit: str, module_name: str, module: nn.Module, name: str) -> None:
@@ -602,3 +511,43 @@ def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+def bake_masks(state_dict: dict[str, Tensor]) -> None:
+    """Turns a masked model's state dict into plain weights, in place: ``p = p_orig * p_mask``.
+
+    The result loads into a fresh model, with no ``<p>_orig`` or ``<p>_mask`` keys.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> _ = ChannelMask.apply(net, "weight", torch.tensor([True, False]))
+        >>> state = net.state_dict()
+        >>> bake_masks(state)
+        >>> sorted(state), state["weight"][0].abs().sum().item()
+        (['bias', 'weight'], 0.0)
+    """
+    for key in [k for k in state_dict if k.endswith("_orig")]:
+        base = key.removesuffix("_orig")
+        mask = state_dict.pop(f"{base}_mask", None)
+        original = state_dict.pop(key)
+        state_dict[base] = original if mask is None else original * mask
+
+
+def unmasked_parameters(model: nn.Module) -> int:
+    """Parameters not held at zero by a pruning mask (a masked one counts its ones).
+
+    Example:
+        >>> net = nn.Linear(3, 2)
+        >>> _ = ChannelMask.apply(net, "weight", torch.tensor([True, False]))
+        >>> unmasked_parameters(net)
+        5
+    """
+    total = 0
+    for name, parameter in model.named_parameters():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        mask = owner._buffers.get(leaf.removesuffix("_orig") + "_mask")
+        total += (
+            int(mask.sum()) if leaf.endswith("_orig") and mask is not None else parameter.numel()
+        )
+    return total

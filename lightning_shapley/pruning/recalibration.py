@@ -16,10 +16,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_shapley.layers import kind_of
+
 
 def batchnorms(model: nn.Module) -> list[_BatchNorm]:
-    """The BatchNorms of ``model`` that keep running statistics."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    """The normalizations of ``model`` that keep running statistics (the table's norm kinds)."""
+    return [
+        module
+        for module in model.modules()
+        if (kind := kind_of(module)) is not None
+        and kind.statistics
+        and getattr(module, "track_running_stats", False)
+    ]
 
 
 def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[Tensor]) -> int:
@@ -86,5 +94,5 @@ def _statistics(norm: _BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
 def statistic_buffers(model: nn.Module) -> Iterator[Tensor]:
     """The running-statistics buffers of every BatchNorm, in a fixed order."""
     for norm in batchnorms(model):
-        yield norm.running_mean
-        yield norm.running_var
+        for name in kind_of(norm).statistics:
+            yield getattr(norm, name)

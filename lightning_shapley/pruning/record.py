@@ -9,8 +9,15 @@ which keys it has and which of them are numbers to log and tabulate.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
+
+from torch import nn
+
+from lightning_shapley.layers import Unit
+from lightning_shapley.pruning.masking import pruned_channels, unmasked_parameters
+from lightning_shapley.pruning.scorers import ChannelScores
+from lightning_shapley.shapley.values import Evaluation
 
 
 class StepRecord(TypedDict, total=False):
@@ -81,3 +88,69 @@ def metrics(record: Mapping[str, Any]) -> dict[str, float]:
     """The record as logger metrics: ``pruning/<number>`` and ``pruning/sparsity/<unit>``."""
     logged = {f"pruning/{key}": float(value) for key, value in scalars(record).items()}
     return logged | {f"pruning/sparsity/{k}": v for k, v in record["unit_sparsity"].items()}
+
+
+def step_record(
+    model: nn.Module,
+    units: Sequence[Unit],
+    *,
+    epoch: int,
+    target: float,
+    before: Evaluation,
+    after: Evaluation,
+    scores: Mapping[str, ChannelScores],
+    seconds: float,
+) -> StepRecord:
+    """The record of a step that just ran: where the model stands, and what it cost."""
+    return {
+        **_standing(model, units, epoch, target),
+        "rolled_back": False,
+        **_change(before, after),
+        "scoring_seconds": seconds,
+        "evaluations": sum(s.evaluations for s in scores.values()),
+        "values": {name: s.values.tolist() for name, s in scores.items()},
+        "stderr": {name: s.stderr.tolist() for name, s in scores.items()},
+    }
+
+
+def rollback_record(
+    model: nn.Module,
+    units: Sequence[Unit],
+    *,
+    epoch: int,
+    target: float,
+    dense_metric: float,
+    before: Evaluation,
+    after: Evaluation,
+) -> StepRecord:
+    """The record of a roll-back that just happened, back to the sparsity ``target``."""
+    return {
+        **_standing(model, units, epoch, target),
+        "rolled_back": True,
+        "dense_metric": dense_metric,
+        **_change(before, after),
+    }
+
+
+def _standing(model: nn.Module, units: Sequence[Unit], epoch: int, target: float) -> StepRecord:
+    """Where the model stands now: sparsities, unmasked parameters and masks."""
+    pruned = {unit.name: pruned_channels(model, unit) for unit in units}
+    total = sum(unit.n_channels for unit in units)
+    removed = sum(int(p.sum()) for p in pruned.values())
+    return {
+        "epoch": epoch,
+        "target_sparsity": target,
+        "sparsity": removed / total,
+        "unit_sparsity": {name: float(p.double().mean()) for name, p in pruned.items()},
+        "parameters": unmasked_parameters(model),
+        "masks": {name: p.tolist() for name, p in pruned.items()},
+    }
+
+
+def _change(before: Evaluation, after: Evaluation) -> StepRecord:
+    return {
+        "value_before": before.value,
+        "value_after": after.value,
+        "accuracy_before": before.accuracy,
+        "accuracy_after": after.accuracy,
+    }

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_shapley.checks import is_int
 from lightning_shapley.pruning.masking import prune_channels, pruned_channels
 from lightning_shapley.pruning.recalibration import recalibrate_batchnorm
-from lightning_shapley.pruning.schedule import is_int
 from lightning_shapley.pruning.scorers import ChannelScores, Scorer
 from lightning_shapley.pruning.units import PrunableUnit
 from lightning_shapley.shapley.values import Batch
@@ -37,8 +37,14 @@ def channels_to_prune(n_channels: int, sparsity: float) -> int:
     return math.floor(sparsity * n_channels + 1e-9)
 
 
-def check_removal_step(removal_step: object) -> None:
-    """Raises a ValueError unless ``removal_step`` is a channel count, a fraction or None."""
+def check_rounds(scope: str, removal_step: object, interleave: object) -> None:
+    """Raises a ``ValueError`` for settings of the rounds that do not go together.
+
+    ``removal_step`` is a channel count, a fraction or ``None``; ``interleave`` a bool or
+    ``None`` (left to the scope), and ``True`` only for the layer scope.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not known; use one of {SCOPES}")
     allowed = (
         removal_step is None
         or (is_int(removal_step) and removal_step >= 1)
@@ -49,6 +55,13 @@ def check_removal_step(removal_step: object) -> None:
             f"removal_step={removal_step!r} is not allowed; use a number of channels per unit "
             "and round (an integer of at least 1), a fraction of each unit's channels in "
             "(0, 1), or None to remove a step's channels at once"
+        )
+    if interleave is not None and not isinstance(interleave, bool):
+        raise ValueError(f"interleave={interleave!r} is not allowed; use True, False or None")
+    if interleave and scope == "global":
+        raise ValueError(
+            "interleave=True does not apply to scope='global', whose rounds rank all units "
+            "together; use interleave=False or scope='layer'"
         )
 
 
@@ -95,14 +108,23 @@ class RoundPruner:
     recalibrate_each_turn: bool = True
 
     def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope={self.scope!r} is not known; use one of {SCOPES}")
-        check_removal_step(self.removal_step)
-        if self.interleave and self.scope == "global":
-            raise ValueError(
-                "interleave=True does not apply to scope='global', whose rounds rank all units "
-                "together; use interleave=False or scope='layer'"
-            )
+        check_rounds(self.scope, self.removal_step, self.interleave)
+
+    def check_amount(self, amount: float | None) -> None:
+        """Raises a ``ValueError`` if ``amount`` would leave a unit below ``min_channels``.
+
+        A global ranking decides per unit later, and can always keep ``min_channels``; a
+        schedule with no final amount (``None``, a search) is capped as it goes.
+        """
+        for unit in self.units:
+            layer_amount = amount if self.scope == "layer" and amount is not None else 0.0
+            kept = unit.n_channels - channels_to_prune(unit.n_channels, layer_amount)
+            if kept < self.min_channels:
+                raise ValueError(
+                    f"amount={amount} would leave unit {unit.name!r} with {kept} of its "
+                    f"{unit.n_channels} channels, fewer than min_channels={self.min_channels}; "
+                    "lower amount or min_channels, or leave the unit out with layers="
+                )
 
     def remaining(self, model: nn.Module, target: float) -> int:
         """Channels still to remove to reach ``target`` (as far as min_channels allows)."""
@@ -142,39 +164,41 @@ class RoundPruner:
             evaluations and seconds of all rounds added up.
         """
         latest = {unit.name: _unscored(unit.n_channels) for unit in self.units}
-        current = self._current(model)
-        while True:
-            quota = self._quota(target, current, whole=self.removal_step is None)
-            busy = [u for u in self.units if quota.get(u.name, quota.get(_OVERALL, 0)) > 0]
-            if not busy:
-                break
-            removed = 0
-            for turn in [[unit] for unit in busy] if self.interleave else [busy]:
-                scores = {
-                    unit.name: self.scorer.score(model, unit, batches, current[unit.name])
-                    for unit in turn
-                }
-                if combine is not None:
-                    scores = combine(scores)
-                plan = self._plan(quota, current, scores)
-                if agree is not None:
-                    plan = agree(plan)
-                for unit in turn:
-                    new = plan[unit.name]
-                    if new.any():
-                        current[unit.name] = current[unit.name] | new
-                        prune_channels(model, unit, current[unit.name])
-                    latest[unit.name] = _merged(latest[unit.name], scores[unit.name])
-                turn_removed = sum(int(new.sum()) for new in plan.values())
-                removed += turn_removed
-                if progress is not None:
-                    progress(turn_removed)
-                if self.recalibrate_each_turn:
+        # The scorer may keep what it builds per unit (a game) for the whole step.
+        with self.scorer.step():
+            current = self._current(model)
+            while True:
+                quota = self._quota(target, current, whole=self.removal_step is None)
+                busy = [u for u in self.units if quota.get(u.name, quota.get(_OVERALL, 0)) > 0]
+                if not busy:
+                    break
+                removed = 0
+                for turn in [[unit] for unit in busy] if self.interleave else [busy]:
+                    scores = {
+                        unit.name: self.scorer.score(model, unit, batches, current[unit.name])
+                        for unit in turn
+                    }
+                    if combine is not None:
+                        scores = combine(scores)
+                    plan = self._plan(quota, current, scores)
+                    if agree is not None:
+                        plan = agree(plan)
+                    for unit in turn:
+                        new = plan[unit.name]
+                        if new.any():
+                            current[unit.name] = current[unit.name] | new
+                            prune_channels(model, unit, current[unit.name])
+                        latest[unit.name] = _merged(latest[unit.name], scores[unit.name])
+                    turn_removed = sum(int(new.sum()) for new in plan.values())
+                    removed += turn_removed
+                    if progress is not None:
+                        progress(turn_removed)
+                    if self.recalibrate_each_turn:
+                        self._recalibrate(model, recalibration_inputs, after_recalibration)
+                if not self.recalibrate_each_turn:
                     self._recalibrate(model, recalibration_inputs, after_recalibration)
-            if not self.recalibrate_each_turn:
-                self._recalibrate(model, recalibration_inputs, after_recalibration)
-            if removed == 0:
-                break  # min_channels holds every unit back: nothing more can go
+                if removed == 0:
+                    break  # min_channels holds every unit back: nothing more can go
         return latest
 
     @staticmethod

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import enum
 import itertools
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from lightning_shapley.checks import is_int, is_real
 
 RAMPS = ("cubic", "linear")
 
@@ -180,7 +181,7 @@ class UntilDrop:
         self, step: float, tolerance: float, max_amount: float = 0.95, start_epoch: int = 0
     ) -> None:
         _check_fraction("step", step, "(0, 1) (the sparsity added per epoch)")
-        if not _is_real(tolerance) or not tolerance >= 0:
+        if not is_real(tolerance) or not tolerance >= 0:
             raise ValueError(
                 f"tolerance={tolerance!r} is not allowed; it must be a number of at least 0 "
                 "(the largest allowed drop below the dense metric)"
@@ -302,17 +303,37 @@ def make_schedule(
     return Gradual(amount, tuple(epochs), ramp=ramp)
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def resolve_schedule(
+    schedule: PruningSchedule | None,
+    amount: float = 0.5,
+    epochs: int | Sequence[int] | None = None,
+    ramp: str = "cubic",
+) -> PruningSchedule:
+    """The callback's schedule: ``schedule``, or the one its other settings describe.
 
-
-def is_int(value: object) -> bool:
-    """Whether ``value`` is an integer (a bool is not one)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    Without ``schedule``, :func:`make_schedule` builds it from ``amount``, ``epochs`` and
+    ``ramp``. A schedule replaces those three settings entirely: giving both is refused, as is a
+    ``schedule`` that is not one.
+    """
+    if schedule is None:
+        return make_schedule(amount, epochs, ramp)
+    if not isinstance(schedule, PruningSchedule):
+        raise ValueError(
+            f"schedule={schedule!r} is not a pruning schedule; it needs the methods target, "
+            "validate, state_dict and load_state_dict (see lightning_shapley.pruning.schedule)"
+        )
+    settings = (("amount", amount, 0.5), ("epochs", epochs, None), ("ramp", ramp, "cubic"))
+    given = [f"{name}={value!r}" for name, value, default in settings if value != default]
+    if given:
+        raise ValueError(
+            f"schedule={schedule!r} replaces amount, epochs and ramp, but got {', '.join(given)} "
+            "as well; pass either schedule= or those settings"
+        )
+    return schedule
 
 
 def _check_amount(amount: float) -> None:
-    if not _is_real(amount) or not 0.0 <= amount < 1.0:
+    if not is_real(amount) or not 0.0 <= amount < 1.0:
         raise ValueError(
             f"amount={amount!r} is not allowed; it must lie in [0, 1) "
             "(the fraction of channels removed; 1 would remove them all)"
@@ -320,7 +341,7 @@ def _check_amount(amount: float) -> None:
 
 
 def _check_fraction(name: str, value: float, allowed: str) -> None:
-    if not _is_real(value) or not 0.0 < value < 1.0:
+    if not is_real(value) or not 0.0 < value < 1.0:
         raise ValueError(f"{name}={value!r} is not allowed; it must lie in {allowed}")
 
 

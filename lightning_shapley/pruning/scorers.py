@@ -9,29 +9,30 @@ really pruning each channel) and the usual baselines, L1 filter norm, BatchNorm
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from lightning_shapley.layers import Unit, kind_of
 from lightning_shapley.pruning.masking import copy_model, set_pruned_channels
-from lightning_shapley.shapley.functional import resolve_estimator, shapley_values
-from lightning_shapley.shapley.values import Batch, ValueSetting, resolve_value, scoring_mode
-from lightning_shapley.shapley.weighting import resolve_weighting
-
-
-class Unit(Protocol):
-    """What a scorer needs of a prunable unit (see :mod:`lightning_shapley.pruning.units`)."""
-
-    name: str
-    producers: tuple[str, ...]
-    batchnorms: tuple[str, ...]
-    n_channels: int
+from lightning_shapley.shapley.functional import estimate_channels
+from lightning_shapley.shapley.game import ChannelGame
+from lightning_shapley.shapley.registry import default_method, resolve_estimator
+from lightning_shapley.shapley.values import (
+    Batch,
+    ValueFunction,
+    ValueSetting,
+    evaluate,
+    resolve_value,
+    scoring_mode,
+)
+from lightning_shapley.shapley.weighting import Weighting, resolve_weighting
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,15 @@ class Scorer(ABC):
     def check(self, unit: Unit) -> None:  # noqa: B027 (a hook: most scorers take any unit)
         """Raises ``ValueError`` if this scorer cannot score ``unit`` (checked before training)."""
 
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One pruning step: the model's units are scored again and again, round by round.
+
+        A scorer may keep what it builds per unit for the length of the step (the Shapley
+        scorer keeps each unit's game); by default nothing is kept.
+        """
+        yield
+
 
 class CriterionScorer(Scorer):
     """A scorer whose criterion is one deterministic number per channel."""
@@ -90,14 +100,21 @@ class ShapleyScorer(Scorer):
 
     The game zeroes a channel outside the coalition at every producer and BatchNorm of the
     unit, as pruning it does, so units whose channels several layers produce (a residual
-    add, an expand and a depthwise convolution) are scored like any other.
+    add, an expand and a depthwise convolution) are scored like any other. Within a
+    :meth:`step` each unit's game is built once and refreshed between rounds.
+
+    Every setting is checked and resolved here, once; resolved objects (a
+    :class:`~lightning_shapley.shapley.values.ValueFunction`, a
+    :class:`~lightning_shapley.shapley.weighting.Weighting`) are taken as they are.
 
     Args:
         value: the coalition value, ``"loss"`` (default), ``"accuracy"``, a Metric or a
             callable.
-        weighting: ``"shapley"``, ``"banzhaf"`` or ``"band"``.
-        depth: the band's depth.
-        method: the estimator, ``"surrogate"`` by default.
+        weighting: a name of :data:`~lightning_shapley.shapley.weighting.WEIGHTINGS`.
+        depth: the band's depth; ``None`` is 1 for the band.
+        method: the estimator; ``None`` enumerates bands of depth up to
+            :data:`~lightning_shapley.shapley.registry.EXACT_BAND_DEPTH` exactly and
+            samples the rest (``"surrogate"``).
         num_permutations: the sampling budget (the sampling methods only).
         seed: seed of the sampling (the sampling methods only).
         **options: further estimator options, e.g. ``bottom_k`` for ``"adaptive"``.
@@ -107,41 +124,63 @@ class ShapleyScorer(Scorer):
 
     def __init__(
         self,
-        value: ValueSetting = "loss",
-        weighting: str = "shapley",
+        value: ValueSetting | ValueFunction = "loss",
+        weighting: str | Weighting = "shapley",
         depth: int | None = None,
-        method: str = "surrogate",
+        method: str | None = "surrogate",
         num_permutations: int = 32,
         seed: int = 0,
         **options: object,
     ) -> None:
+        if weighting == "band" and depth is None:
+            depth = 1
+        #: The coalition-size weighting, resolved.
+        self.weighting = resolve_weighting(weighting, depth)
+        method = method or default_method(self.weighting)
         # Exact enumeration takes no budget and draws nothing at random.
         sampling = {} if method == "exact" else {"num_permutations": num_permutations, "seed": seed}
-        self.options = sampling | options
-        # Every setting is checked now, before training, not at the first step.
-        resolve_estimator(method, self.options)
-        resolve_weighting(weighting, depth)
-        resolve_value(value)
-        self.value, self.weighting, self.depth, self.method = value, weighting, depth, method
+        #: The estimator with its options, resolved.
+        self.estimator = resolve_estimator(method, sampling | options)
+        #: The coalition value, resolved.
+        self.value_function = resolve_value(value)
+        self._games: dict[str, ChannelGame] | None = None
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Keeps each unit's game for the step, so it is built once rather than every round."""
+        self._games = {}
+        try:
+            yield
+        finally:
+            self._games = None
 
     def score(
         self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
     ) -> ChannelScores:
         """Shapley values with their standard errors and the evaluations spent."""
-        estimate = shapley_values(
-            model,
-            (*unit.producers, *unit.batchnorms),
-            batches,
-            value=self.value,
-            weighting=self.weighting,
-            depth=self.depth,
-            method=self.method,
-            pruned=pruned,
-            **self.options,
-        )
+        game = self._game(model, unit, batches, pruned)
+        try:
+            estimate = estimate_channels(game, self.weighting, self.estimator)
+        finally:
+            game.release()
         return ChannelScores(
             estimate.values, estimate.stderr, estimate.evaluations, estimate.seconds
         )
+
+    def _game(
+        self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
+    ) -> ChannelGame:
+        """This step's game of ``unit``, brought up to date; a new one outside a step."""
+        game = None if self._games is None else self._games.get(unit.name)
+        if game is None:
+            game = ChannelGame.from_unit(
+                model, unit, batches, value=self.value_function, pruned=pruned
+            )
+            if self._games is not None:
+                self._games[unit.name] = game
+        else:
+            game.refresh(pruned)
+        return game
 
 
 class L1Scorer(CriterionScorer):
@@ -150,8 +189,13 @@ class L1Scorer(CriterionScorer):
     name = "l1"
 
     def _values(self, model: nn.Module, unit: Unit, batches: Sequence[Batch]) -> Tensor:
-        weights = [model.get_submodule(name).weight for name in unit.producers]
-        return sum(w.detach().abs().reshape(len(w), -1).sum(1) for w in weights)
+        norms = []
+        for name in unit.producers:
+            producer = model.get_submodule(name)
+            dim = dict(kind_of(producer).parameters)["weight"]
+            weight = producer.weight.detach().movedim(dim, 0)
+            norms.append(weight.abs().reshape(unit.n_channels, -1).sum(1))
+        return sum(norms)
 
 
 class BatchNormScorer(CriterionScorer):
@@ -235,9 +279,9 @@ class LeaveOneOutScorer(Scorer):
 
     name = "loo"
 
-    def __init__(self, value: ValueSetting = "loss") -> None:
-        self.value = value
-        self._value_fn = resolve_value(value)
+    def __init__(self, value: ValueSetting | ValueFunction = "loss") -> None:
+        #: The value of the network, resolved.
+        self.value_function = resolve_value(value)
 
     def score(
         self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
@@ -245,14 +289,11 @@ class LeaveOneOutScorer(Scorer):
         """Each surviving channel's leave-one-out value; one evaluation per channel, and one."""
         start = time.perf_counter()
         probe = copy_model(model)
-        targets = torch.cat([y for _, y in batches])
         pruned = pruned.cpu()
 
         def value_without(channels: Tensor) -> float:
             set_pruned_channels(probe, unit, channels)
-            with scoring_mode(probe):
-                logits = torch.cat([probe(x) for x, _ in batches]).unsqueeze(0)
-            return float(self._value_fn(logits, targets)[0])
+            return evaluate(probe, batches, self.value_function).value
 
         full = value_without(pruned)
         values = torch.full((unit.n_channels,), float("nan"), dtype=torch.float64)
@@ -278,20 +319,63 @@ SCORERS: dict[str, type[Scorer]] = {
 }
 
 
-def resolve_scorer(scorer: str | Scorer, *, seed: int = 0, **shapley_options: object) -> Scorer:
-    """The scorer for a setting: a name from :data:`SCORERS` or a :class:`Scorer`.
+#: The settings of the Shapley scorer that the callback takes beside ``scorer``, with the
+#: callback's defaults: they configure a scorer named ``"shapley"``, and nothing else.
+SHAPLEY_SETTINGS: dict[str, object] = {
+    "weighting": "band",
+    "depth": None,
+    "method": None,
+    "num_permutations": 32,
+    "estimator_options": None,
+}
 
-    ``seed`` seeds the Shapley sampling and the random scorer; ``shapley_options``
-    configure the Shapley scorer (see :class:`ShapleyScorer`).
+
+def make_scorer(
+    scorer: str | Scorer,
+    *,
+    value: ValueFunction,
+    seed: int = 0,
+    **shapley_settings: object,
+) -> Scorer:
+    """The scorer for the callback's settings: a name from :data:`SCORERS`, or an instance.
+
+    Args:
+        scorer: a name of :data:`SCORERS` or a :class:`Scorer`.
+        value: the resolved value; the Shapley and leave-one-out scorers score with it.
+        seed: seeds the Shapley sampling and the random scorer.
+        **shapley_settings: the keys of :data:`SHAPLEY_SETTINGS`, for ``"shapley"``.
+
+    The Shapley settings configure a scorer named ``"shapley"``; a sweep over scorer
+    names may pass them to every scorer alike, and the others do without them.
+
+    Raises:
+        ValueError: an unknown name, or a setting given beside a scorer instance (which
+            carries its own, so the setting would otherwise be ignored).
     """
+    given = [
+        f"{name}={setting!r}"
+        for name, setting in shapley_settings.items()
+        if setting != SHAPLEY_SETTINGS[name]
+    ]
     if isinstance(scorer, Scorer):
+        if seed != 0:
+            given.append(f"seed={seed!r}")
+        if getattr(scorer, "value_function", None) not in (None, value) and value.name != "loss":
+            given.append(f"value={value.name!r}")
+        if given:
+            raise ValueError(
+                f"scorer={scorer!r} is a scorer instance, which carries its own settings, "
+                f"but {', '.join(given)} were given as well; set them on the scorer instead"
+            )
         return scorer
     if scorer not in SCORERS:
         raise ValueError(
             f"scorer={scorer!r} is not known; use one of {tuple(SCORERS)} or a Scorer instance"
         )
     if scorer == "shapley":
-        return ShapleyScorer(seed=seed, **shapley_options)
+        settings = {**SHAPLEY_SETTINGS, **shapley_settings}
+        options = dict(settings.pop("estimator_options") or {})
+        return ShapleyScorer(value=value, seed=seed, **settings, **options)
     if scorer == "loo":
-        return LeaveOneOutScorer(shapley_options.get("value", "loss"))
+        return LeaveOneOutScorer(value)
     return RandomScorer(seed) if scorer == "random" else SCORERS[scorer]()

@@ -14,15 +14,17 @@ Rules, in the order they apply to each coupled group:
   output's shape. Reading a group's channels is fine: the output layer is a *consumer* of
   the last hidden unit, and a residual stream that only feeds the head is a unit. A
   residual stream that is itself returned is not.
-* **Only layers a unit has a role for.** Producers are ``Conv1d/2d/3d`` with ``groups=1``
-  and ``Linear``; a depthwise convolution (``groups == in_channels == out_channels``)
-  counts as a producer too, since each of its output channels is one of the unit's
-  channels. BatchNorms are ``BatchNorm1d/2d/3d``; consumers are ``Conv1d/2d/3d`` with
-  ``groups=1`` and ``Linear``. A group coupled to anything else is skipped with a warning:
-  grouped convolutions (removing one channel leaves unequal groups), transposed
-  convolutions, LayerNorm and GroupNorm (they normalize across channels, so zeroing a
-  channel is not removing it), PReLU, InstanceNorm, embeddings, recurrent or attention
-  layers, and bare ``nn.Parameter`` tensors used outside a module.
+* **Only layers a unit has a role for**, as the layer-kind table
+  (:mod:`~lightning_shapley.layers`) lists them. Producers are its producer
+  kinds (convolutions with ``groups=1`` and linear layers); a depthwise convolution
+  (``groups == in_channels == out_channels``) counts as a producer too, since each of its
+  output channels is one of the unit's channels. Normalizations are its norm kinds
+  (BatchNorm); consumers are producer kinds that read the channels as inputs. A group
+  coupled to anything else is skipped with a warning that says why: grouped convolutions
+  (removing one channel leaves unequal groups), transposed convolutions, LayerNorm and
+  GroupNorm (they normalize across channels, so zeroing a channel is not removing it),
+  PReLU, InstanceNorm, embeddings, recurrent or attention layers, and bare
+  ``nn.Parameter`` tensors used outside a module.
 * **Only index maps a unit can state.** Producers and BatchNorms hold exactly the unit's
   channels, index for index. A consumer reads them either one to one or flattened
   channel-major: ``in_features = n_channels * k`` and channel ``c`` is inputs
@@ -41,12 +43,28 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from lightning_shapley.layers import (
+    NORM,
+    PRODUCER,
+    customized_pruners,
+    is_depthwise,
+    kind_of,
+    supported_types,
+)
 from lightning_shapley.pruning.masking import copy_model
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Every layer whose output channels torch-pruning can take as the root of a group.
-_ROOTS = (*_CONVS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+# Every layer whose output channels torch-pruning can take as the root of a group: the
+# table's producers, and the transposed convolutions, so that groups rooted there are
+# named in the warning rather than passed over.
+_ROOTS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 _OUTPUT = "the output layer"
 
 
@@ -111,10 +129,7 @@ def find_units(
         >>> units[1]
         PrunableUnit(name='features.3', producers=('features.3',), batchnorms=('features.4',), consumers=('features.7',), n_channels=32)
     """  # noqa: E501 (a doctest's output line)
-    if isinstance(layers, str):
-        raise ValueError(
-            f"layers={layers!r} is a string; give a sequence of module names, e.g. [{layers!r}]"
-        )
+    check_layer_names(layers)
     graph = _DependencyGraph(model, example_inputs)
     units, rejected = graph.units()
     if layers is None:
@@ -127,6 +142,21 @@ def find_units(
             )
         return units
     return _select(units, rejected, list(layers), type(model).__name__)
+
+
+def check_layer_names(layers: object) -> None:
+    """Raises a ``ValueError`` unless ``layers`` is ``None`` or a sequence of module names.
+
+    A single name given as a string is the likely mistake, so it gets its own message.
+    """
+    if isinstance(layers, str):
+        raise ValueError(
+            f"layers={layers!r} is a string; give a sequence of module names, e.g. [{layers!r}]"
+        )
+    if layers is not None and not (
+        isinstance(layers, Sequence) and all(isinstance(name, str) for name in layers)
+    ):
+        raise ValueError(f"layers={layers!r} is not allowed; give a sequence of module names")
 
 
 class _DependencyGraph:
@@ -149,7 +179,11 @@ class _DependencyGraph:
         try:
             with torch.enable_grad():
                 self.graph = tp.DependencyGraph().build_dependency(
-                    self.model, args, forward_fn=forward, verbose=False
+                    self.model,
+                    args,
+                    forward_fn=forward,
+                    customized_pruners=customized_pruners(),
+                    verbose=False,
                 )
         except Exception as error:
             raise ValueError(
@@ -199,7 +233,7 @@ class _DependencyGraph:
 
     def _unit(self, group: tp.dependency.Group, n_channels: int) -> PrunableUnit | str:
         """The unit of one pruning group, or why the group is not one."""
-        roles: dict[str, set[str]] = {"producer": set(), "batchnorm": set(), "consumer": set()}
+        roles: dict[str, set[str]] = {PRODUCER: set(), NORM: set(), _CONSUMER: set()}
         for item in group:
             node, handler = item.dep.target, item.dep.handler
             if node in self.output_nodes and self.graph.is_out_channel_pruning_fn(handler):
@@ -213,7 +247,7 @@ class _DependencyGraph:
             if module not in self.names:
                 continue  # an operation without parameters: add, ReLU, flatten, concat, ...
             name = self.names[module]
-            role = self._role(module, self.graph.is_out_channel_pruning_fn(handler))
+            role = _role(module, self.graph.is_out_channel_pruning_fn(handler))
             if role is None:
                 return _no_role(name, module)
             pairs = list(zip(item.idxs, item.root_idxs, strict=True))
@@ -223,19 +257,9 @@ class _DependencyGraph:
             roles[role].add(name)
         producers, batchnorms, consumers = (
             tuple(sorted(roles[role], key=self.order.__getitem__))
-            for role in ("producer", "batchnorm", "consumer")
+            for role in (PRODUCER, NORM, _CONSUMER)
         )
         return PrunableUnit(producers[0], producers, batchnorms, consumers, n_channels)
-
-    @staticmethod
-    def _role(module: nn.Module, prunes_output: bool) -> str | None:
-        if isinstance(module, _BATCHNORMS):
-            return "batchnorm"
-        if _is_depthwise(module):
-            return "producer"
-        if isinstance(module, nn.Linear) or (isinstance(module, _CONVS) and module.groups == 1):
-            return "producer" if prunes_output else "consumer"
-        return None
 
 
 def checked_example_inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -282,24 +306,26 @@ def _differentiable_outputs(out: object) -> list[Tensor]:
     return differentiable
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return (
-        isinstance(module, _CONVS)
-        and module.groups > 1
-        and module.groups == module.in_channels == module.out_channels
-    )
+_CONSUMER = "consumer"
+
+
+def _role(module: nn.Module, prunes_output: bool) -> str | None:
+    """The module's role in a unit, as its layer kind says; ``None`` if it can have none."""
+    kind = kind_of(module)
+    if kind is None or kind.problem(module) is not None:
+        return None
+    if kind.role == NORM or is_depthwise(module):
+        return kind.role
+    return PRODUCER if prunes_output else _CONSUMER
 
 
 def _no_role(name: str, module: nn.Module) -> str:
-    kind = type(module).__name__
-    if isinstance(module, _CONVS):
-        return (
-            f"{name!r} is a grouped {kind} (groups={module.groups}), and removing one of its "
-            "channels would leave unequal groups"
-        )
+    kind = kind_of(module)
+    if kind is not None and kind.problem(module) is not None:
+        return f"{name!r} is {kind.problem(module)}"
     return (
-        f"coupled to {name!r} ({kind}), but a unit holds only Conv1d/2d/3d, Linear and "
-        "BatchNorm1d/2d/3d layers"
+        f"coupled to {name!r} ({type(module).__name__}), but a unit holds only layers of "
+        f"the kinds it knows: {supported_types()}"
     )
 
 
@@ -310,8 +336,9 @@ def _index_problem(
 
     ``pairs`` holds (index in the layer, channel of the unit) for each coupled index.
     """
-    if role == "consumer":
-        size = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    kind = kind_of(module)
+    if role == _CONSUMER:
+        size = getattr(module, kind.in_attribute)
         k = size // n_channels
         if size % n_channels == 0 and sorted(pairs) == [(i, i // k) for i in range(size)]:
             return None
@@ -319,14 +346,10 @@ def _index_problem(
             f"{name!r} reads its {n_channels} channels among {size} inputs through a "
             "concatenation, split or reshape that a unit cannot state"
         )
-    size = module.num_features if isinstance(module, _BATCHNORMS) else _out_channels(module)
+    size = getattr(module, kind.out_attribute)
     if size == n_channels and sorted(pairs) == [(i, i) for i in range(size)]:
         return None
     return f"{name!r} holds {size} channels coupled to {n_channels} in a different order"
-
-
-def _out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def _select(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_shapley.checks import is_int
 from lightning_shapley.shapley.game import ChannelGame
 from lightning_shapley.shapley.values import Batch, ValueFunction, ValueSetting
 
@@ -90,7 +91,7 @@ def coalition_values_by_size(
         >>> curve.sizes, tuple(curve.values.shape)
         ((0, 1, 2, 3, 4, 5, 6), (7, 4))
     """
-    if not isinstance(samples, int) or samples < 1:
+    if not is_int(samples) or samples < 1:
         raise ValueError(f"samples={samples!r} is not allowed; it must be a positive integer")
     game = ChannelGame(model, layer, batches, value=value)
     n = game.n_players

@@ -101,6 +101,7 @@ class FullForward:
     """
 
     name = "full"
+    reads_attributes = False
 
     def __init__(
         self,
@@ -115,6 +116,12 @@ class FullForward:
         self._mask_modules = list(dict.fromkeys(mask_modules))
         self._channel_dim = channel_dim
         self._inputs = list(inputs)
+
+    def recache(self) -> None:
+        """Nothing to do: every coalition runs the whole model as it is."""
+
+    def release(self) -> None:
+        """Nothing to do: nothing is cached."""
 
     def bytes_per_coalition(self) -> int:
         """Activation bytes of one coalition on the largest batch."""
@@ -295,6 +302,9 @@ class SplitForward:
         except Exception as error:  # tracing fails in many ways on dynamic code
             raise UnsplittableModelError(f"torch.fx cannot trace the model: {error}") from error
         mask_nodes = [_called_once(gm, name) for name in names]
+        #: Whether the graph reads tensors of the model directly (``get_attr``): its copies
+        #: of them go stale when the model's weights change, so it cannot be recached.
+        self.reads_attributes = any(node.op == "get_attr" for node in gm.graph.nodes)
         if sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
             raise UnsplittableModelError("the model's forward takes more than one input")
         single = len(mask_nodes) == 1
@@ -323,7 +333,16 @@ class SplitForward:
     ) -> None:
         """Splits the graph at ``split_nodes`` and caches the upstream values of every batch."""
         self._build(gm, split_nodes, head_inputs, inside)
-        self._cache = [self._cached(x) for x in inputs]
+        self._inputs = list(inputs)
+        self.recache()
+
+    def recache(self) -> None:
+        """Runs the upstream part again on every batch: the model's weights or masks changed."""
+        self._cache = [self._cached(x) for x in self._inputs]
+
+    def release(self) -> None:
+        """Frees the cached upstream values until :meth:`recache`."""
+        self._cache = None
 
     def _build(
         self,
@@ -414,6 +433,8 @@ class SplitForward:
 
     def __call__(self, masks: Tensor, batch: int) -> Tensor:
         """Logits ``[k, B, ...]`` of batch ``batch`` under each of the ``k`` channel masks."""
+        if self._cache is None:
+            raise RuntimeError("the upstream cache was released; call recache() first")
         head_inputs, boundary = self._cache[batch]
         k = len(masks)
         cached = [

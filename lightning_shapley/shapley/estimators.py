@@ -17,20 +17,19 @@ standard deviation over ``sqrt(rounds)``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import combinations
-from statistics import NormalDist
 
 import torch
 from torch import Tensor
 
-from lightning_shapley.checks import check_int, is_int, is_real
+from lightning_shapley.shapley.options import check_options, check_players
 from lightning_shapley.shapley.sampling import (
+    BOUNDS,
     MemoizedValue,
     RoundStatistics,
     Walks,
@@ -39,6 +38,7 @@ from lightning_shapley.shapley.sampling import (
     pairs_for_budget,
     sample_pairs,
     split_into_blocks,
+    unsure_of_bottom_k,
     walk,
     walk_pairs,
 )
@@ -92,7 +92,8 @@ def exact(
     Args:
         value_fn: maps a boolean ``[m, n]`` coalition tensor to ``[m]`` values.
         n_players: number of players ``n``.
-        weighting: ``"shapley"``, ``"banzhaf"``, ``"band"`` or a :class:`Weighting`.
+        weighting: a name of :data:`~lightning_shapley.shapley.weighting.WEIGHTINGS` or a
+            :class:`Weighting`.
         depth: the band's depth, with ``weighting="band"``.
 
     Example:
@@ -100,7 +101,7 @@ def exact(
         >>> est.values
         tensor([1., 2., 3.], dtype=torch.float64)
     """
-    _check_players(n_players)
+    check_players(n_players)
     weighting = resolve_weighting(weighting, depth)
     start = time.perf_counter()
     value = MemoizedValue(value_fn, n_players)
@@ -151,7 +152,6 @@ def _coalitions_of_sizes(n: int, sizes: list[int], weighting: Weighting) -> Tens
     return torch.stack(rows)
 
 
-# --------------------------------------------------------------------------- sampling core
 def _estimate(stats: RoundStatistics, value: MemoizedValue, start: float) -> ShapleyEstimate:
     return ShapleyEstimate(
         values=stats.mean,
@@ -186,21 +186,24 @@ def permutation(
     Args:
         value_fn: maps a boolean ``[m, n]`` coalition tensor to ``[m]`` values.
         n_players: number of players ``n``.
-        weighting: ``"shapley"``, ``"banzhaf"``, ``"band"`` or a :class:`Weighting`.
+        weighting: a name of :data:`~lightning_shapley.shapley.weighting.WEIGHTINGS` or a
+            :class:`Weighting`.
         depth: the band's depth, with ``weighting="band"``.
         num_permutations: orderings to sample (rounded up to an even number); ``None`` to
             let ``max_evaluations`` decide.
         max_evaluations: stop once this many coalitions were evaluated.
         seed: seed of the orderings; the same seed gives the same estimate.
     """
-    _check_players(n_players)
-    weighting = resolve_weighting(weighting, depth)
-    check_options(
-        "permutation", num_permutations=num_permutations, max_evaluations=max_evaluations, seed=seed
+    value, importance, start = _begin(
+        "permutation",
+        value_fn,
+        n_players,
+        weighting,
+        depth,
+        num_permutations=num_permutations,
+        max_evaluations=max_evaluations,
+        seed=seed,
     )
-    start = time.perf_counter()
-    value = MemoizedValue(value_fn, n_players)
-    importance = weighting.size_importance(n_players)
     pairs = pairs_for_budget(num_permutations, max_evaluations)
     stats = sample_pairs(
         value, importance, split_into_blocks(pairs, 8), seed=seed, max_evaluations=max_evaluations
@@ -233,7 +236,8 @@ def surrogate(
     Args:
         value_fn: maps a boolean ``[m, n]`` coalition tensor to ``[m]`` values.
         n_players: number of players ``n``.
-        weighting: ``"shapley"``, ``"banzhaf"``, ``"band"`` or a :class:`Weighting`.
+        weighting: a name of :data:`~lightning_shapley.shapley.weighting.WEIGHTINGS` or a
+            :class:`Weighting`.
         depth: the band's depth, with ``weighting="band"``.
         num_permutations: orderings of the real game (at least 8); ``None`` to let
             ``max_evaluations`` decide.
@@ -242,18 +246,17 @@ def surrogate(
         seed: seed of the orderings and of the surrogate; the same seed gives the same
             estimate.
     """
-    _check_players(n_players)
-    weighting = resolve_weighting(weighting, depth)
-    check_options(
+    value, importance, start = _begin(
         "surrogate",
+        value_fn,
+        n_players,
+        weighting,
+        depth,
         num_permutations=num_permutations,
         max_evaluations=max_evaluations,
         surrogate_permutations=surrogate_permutations,
         seed=seed,
     )
-    start = time.perf_counter()
-    value = MemoizedValue(value_fn, n_players)
-    importance = weighting.size_importance(n_players)
     generator = torch.Generator().manual_seed(seed)
     blocks = walk_pairs(
         value,
@@ -330,25 +333,25 @@ def truncated_monte_carlo(
     Args:
         value_fn: maps a boolean ``[m, n]`` coalition tensor to ``[m]`` values.
         n_players: number of players ``n``.
-        weighting: ``"shapley"``, ``"banzhaf"``, ``"band"`` or a :class:`Weighting`.
+        weighting: a name of :data:`~lightning_shapley.shapley.weighting.WEIGHTINGS` or a
+            :class:`Weighting`.
         depth: the band's depth, with ``weighting="band"``.
         truncation: the tolerance, a fraction of ``|v(N) - v(empty)|`` in ``[0, 1)``.
         num_permutations: orderings to sample; ``None`` to let ``max_evaluations`` decide.
         max_evaluations: stop once this many coalitions were evaluated.
         seed: seed of the orderings; the same seed gives the same estimate.
     """
-    _check_players(n_players)
-    weighting = resolve_weighting(weighting, depth)
-    check_options(
+    value, importance, start = _begin(
         "tmc",
+        value_fn,
+        n_players,
+        weighting,
+        depth,
         truncation=truncation,
         num_permutations=num_permutations,
         max_evaluations=max_evaluations,
         seed=seed,
     )
-    start = time.perf_counter()
-    value = MemoizedValue(value_fn, n_players)
-    importance = weighting.size_importance(n_players)
     pairs = pairs_for_budget(num_permutations, max_evaluations)
     stats = sample_pairs(
         value,
@@ -386,7 +389,8 @@ def adaptive(
     Args:
         value_fn: maps a boolean ``[m, n]`` coalition tensor to ``[m]`` values.
         n_players: number of players ``n``.
-        weighting: ``"shapley"``, ``"banzhaf"``, ``"band"`` or a :class:`Weighting`.
+        weighting: a name of :data:`~lightning_shapley.shapley.weighting.WEIGHTINGS` or a
+            :class:`Weighting`.
         depth: the band's depth, with ``weighting="band"``.
         bottom_k: stop once the set of the ``bottom_k`` lowest players is certain.
         tolerance: stop once every standard error is below this.
@@ -401,10 +405,12 @@ def adaptive(
         min_rounds: antithetic pairs every player gets before any stop is considered.
         seed: seed of the orderings; the same seed gives the same estimate.
     """
-    _check_players(n_players)
-    weighting = resolve_weighting(weighting, depth)
-    check_options(
+    value, importance, start = _begin(
         "adaptive",
+        value_fn,
+        n_players,
+        weighting,
+        depth,
         bottom_k=bottom_k,
         tolerance=tolerance,
         confidence=confidence,
@@ -416,9 +422,6 @@ def adaptive(
     )
     if bottom_k is not None and bottom_k >= n_players:
         raise ValueError(f"bottom_k={bottom_k!r} is not allowed; it must lie in [1, {n_players})")
-    start = time.perf_counter()
-    value = MemoizedValue(value_fn, n_players)
-    importance = weighting.size_importance(n_players)
     pairs = pairs_for_budget(num_permutations, max_evaluations)
     radius = partial(BOUNDS[bound], error_rate=(1.0 - confidence) / n_players)
 
@@ -429,7 +432,7 @@ def adaptive(
         if tolerance is not None:
             open_rules.append(stats.stderr >= tolerance)
         if bottom_k is not None:
-            open_rules.append(_unsure_of_bottom_k(stats, bottom_k, radius(stats)))
+            open_rules.append(unsure_of_bottom_k(stats, bottom_k, radius(stats)))
         if not all(rule.any() for rule in open_rules):
             return torch.zeros(n_players, dtype=torch.bool)  # the first rule met stops
         return torch.stack(open_rules).any(0)
@@ -449,183 +452,20 @@ def adaptive(
     return _estimate(stats, value, start)
 
 
-def _bernstein_radius(stats: RoundStatistics, error_rate: float) -> Tensor:
-    """Half-width of the empirical Bernstein interval of each mean."""
-    log_term = math.log(3.0 / error_rate)
-    spread = stats.high - stats.low
-    return (
-        2 * stats.variance * log_term / stats.count
-    ).sqrt() + 3 * spread * log_term / stats.count
+def _begin(
+    method: str,
+    value_fn: ValueFunction,
+    n_players: int,
+    weighting: str | Weighting,
+    depth: int | None,
+    **options: object,
+) -> tuple[MemoizedValue, Tensor, float]:
+    """What every sampling estimator does first: check its arguments, then start the clock.
 
-
-def _normal_radius(stats: RoundStatistics, error_rate: float) -> Tensor:
-    """Half-width of the central-limit interval of each mean."""
-    z = NormalDist().inv_cdf(1.0 - error_rate / 2)
-    return z * stats.stderr
-
-
-BOUNDS: dict[str, Callable[..., Tensor]] = {
-    "bernstein": _bernstein_radius,
-    "normal": _normal_radius,
-}
-
-
-def _unsure_of_bottom_k(stats: RoundStatistics, k: int, radius: Tensor) -> Tensor:
-    """Players whose side of the bottom-k cut the confidence intervals leave open."""
-    mean = stats.mean
-    bottom = torch.zeros_like(mean, dtype=torch.bool)
-    bottom[torch.argsort(mean)[:k]] = True
-    highest_bottom = (mean + radius)[bottom].max()
-    lowest_rest = (mean - radius)[~bottom].min()
-    return (bottom & (mean + radius >= lowest_rest)) | (~bottom & (mean - radius <= highest_bottom))
-
-
-# --------------------------------------------------------------------------- registry
-
-#: The estimators by the name ``method`` takes.
-ESTIMATORS: dict[str, Callable[..., ShapleyEstimate]] = {
-    "exact": exact,
-    "permutation": permutation,
-    "surrogate": surrogate,
-    "tmc": truncated_monte_carlo,
-    "adaptive": adaptive,
-}
-#: Bands up to this depth are enumerated exactly by default: ``1 + n + C(n, 2)`` coalitions.
-EXACT_BAND_DEPTH = 2
-
-
-def default_method(weighting: Weighting) -> str:
-    """``"exact"`` for a band shallow enough to enumerate, ``"surrogate"`` otherwise.
-
-    Example:
-        >>> default_method(Weighting("band", depth=1)), default_method(Weighting("shapley"))
-        ('exact', 'surrogate')
+    Returns the memoized game, the weighting's size importance and the start time.
     """
-    shallow = weighting.name == "band" and weighting.depth <= EXACT_BAND_DEPTH
-    return "exact" if shallow else "surrogate"
-
-
-@dataclass(frozen=True)
-class Estimator:
-    """An estimator with its options, checked: call it with a value function and a weighting.
-
-    Make one with :func:`resolve_estimator`.
-
-    Attributes:
-        method: a name of :data:`ESTIMATORS`.
-        options: its keyword options (budget, seed, stop rule...).
-    """
-
-    method: str
-    options: Mapping[str, object]
-
-    def __call__(
-        self, value_fn: ValueFunction, n_players: int, weighting: Weighting
-    ) -> ShapleyEstimate:
-        """The estimate of the game ``value_fn`` of ``n_players`` under ``weighting``."""
-        return ESTIMATORS[self.method](value_fn, n_players, weighting, **self.options)
-
-    def __str__(self) -> str:
-        options = ", ".join(f"{name}={value!r}" for name, value in self.options.items())
-        return f"{self.method}({options})"
-
-
-def resolve_estimator(method: str | Estimator, options: Mapping[str, object]) -> Estimator:
-    """The estimator named ``method`` with ``options``, every option checked now.
-
-    A resolved :class:`Estimator` is returned as it is (``options`` must then be empty).
-
-    Raises:
-        ValueError: an unknown method, an option it does not take, or a value it cannot
-            take (naming the option, the value and what is allowed).
-
-    Example:
-        >>> resolve_estimator("adaptive", {"num_permutations": 64})
-        Traceback (most recent call last):
-        ...
-        ValueError: method='adaptive' needs a stop rule: set bottom_k, tolerance or both
-    """
-    if isinstance(method, Estimator):
-        if options:
-            raise ValueError(
-                f"{sorted(options)} were given beside the resolved estimator {method}; "
-                "set the options on the Estimator itself"
-            )
-        return method
-    if method not in ESTIMATORS:
-        raise ValueError(f"method={method!r} is not known; use one of {tuple(ESTIMATORS)}")
-    parameters = inspect.signature(ESTIMATORS[method]).parameters
-    allowed = [
-        name
-        for name, parameter in parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "depth"
-    ]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"{unknown} are not options of method={method!r}; it takes {allowed}")
-    defaults = {name: parameters[name].default for name in allowed}
-    check_options(method, **(defaults | dict(options)))
-    return Estimator(method, dict(options))
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def check_options(method: str, **options: object) -> None:
-    """Raises a ``ValueError`` for an option value ``method`` cannot take.
-
-    Only what holds whatever the number of players is checked here, so that a setting
-    fails where it enters; the estimators check the rest (``bottom_k < n``) themselves.
-    """
-    for name in ("num_permutations", "max_evaluations"):
-        if name in options:
-            check_int(name, options[name], 1, optional=True)
-    if "surrogate_permutations" in options:
-        check_int("surrogate_permutations", options["surrogate_permutations"], 1)
-    if "seed" in options and not is_int(options["seed"]):
-        raise ValueError(f"seed={options['seed']!r} is not allowed; it must be an integer")
-    if options.get("num_permutations", 0) is None and options.get("max_evaluations") is None:
-        raise ValueError(
-            f"method={method!r} needs a budget: give num_permutations or max_evaluations "
-            "(both are None)"
-        )
-    if method == "surrogate" and _too_few_for_surrogate(options.get("num_permutations")):
-        raise ValueError(
-            f"num_permutations={options['num_permutations']!r} is too few for "
-            "method='surrogate': it needs 8 orderings (4 antithetic pairs, two per half), "
-            "so num_permutations of at least 7"
-        )
-    if "truncation" in options:
-        truncation = options["truncation"]
-        if not (is_real(truncation) and 0.0 <= truncation < 1.0):
-            raise ValueError(f"truncation={truncation!r} is not allowed; it must lie in [0, 1)")
-    if method == "adaptive":
-        _check_adaptive(**options)
-
-
-def _too_few_for_surrogate(num_permutations: object) -> bool:
-    return is_int(num_permutations) and math.ceil(num_permutations / 2) < 4
-
-
-def _check_adaptive(
-    bottom_k: object = None,
-    tolerance: object = None,
-    confidence: object = 0.95,
-    bound: object = "bernstein",
-    min_rounds: object = 8,
-    **_budget: object,
-) -> None:
-    if bottom_k is None and tolerance is None:
-        raise ValueError("method='adaptive' needs a stop rule: set bottom_k, tolerance or both")
-    check_int("bottom_k", bottom_k, 1, optional=True)
-    if tolerance is not None and not (is_real(tolerance) and tolerance > 0):
-        raise ValueError(f"tolerance={tolerance!r} is not allowed; it must be positive")
-    if not (is_real(confidence) and 0.0 < confidence < 1.0):
-        raise ValueError(f"confidence={confidence!r} is not allowed; it must lie in (0, 1)")
-    if bound not in BOUNDS:
-        raise ValueError(f"bound={bound!r} is not known; use one of {tuple(BOUNDS)}")
-    check_int("min_rounds", min_rounds, 2)
-
-
-def _check_players(n_players: int) -> None:
-    check_int("n_players", n_players, 1)
+    check_players(n_players)
+    weighting = resolve_weighting(weighting, depth)
+    check_options(method, **options)
+    start = time.perf_counter()
+    return MemoizedValue(value_fn, n_players), weighting.size_importance(n_players), start

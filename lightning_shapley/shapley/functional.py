@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_shapley.shapley.estimators import Estimator, ShapleyEstimate, resolve_estimator
+from lightning_shapley.shapley.estimators import ShapleyEstimate
 from lightning_shapley.shapley.game import ChannelGame
+from lightning_shapley.shapley.registry import Estimator, resolve_estimator
 from lightning_shapley.shapley.values import Batch, ValueSetting
 from lightning_shapley.shapley.weighting import Weighting, resolve_weighting
 
@@ -39,9 +40,10 @@ def shapley_values(
             (a unit's producers and BatchNorms): each channel is zeroed at all of them.
         batches: list of ``(inputs, targets)`` scoring batches.
         value: ``"loss"``, ``"accuracy"``, a torchmetrics ``Metric`` or ``fn(logits, targets)``.
-        weighting: ``"shapley"`` (the classic value), ``"banzhaf"`` or ``"band"``.
+        weighting: a name of :data:`~lightning_shapley.shapley.weighting.WEIGHTINGS`
+            (``"shapley"`` is the classic value) or a :class:`Weighting`.
         depth: the band's depth ``r``, with ``weighting="band"``.
-        method: a name of :data:`~lightning_shapley.shapley.estimators.ESTIMATORS`.
+        method: a name of :data:`~lightning_shapley.shapley.registry.ESTIMATORS`.
         channel_dim: the channel dimension of the layers' outputs.
         pruned: boolean ``[C]`` of channels already pruned (kept out of every coalition).
         engine: how coalitions are evaluated, see

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_shapley.checks import check_int, is_int
+from lightning_shapley.layers import NORM_TYPES, Unit, kind_of
 from lightning_shapley.shapley.allocator import retain_freed_memory
 from lightning_shapley.shapley.engines import (
     CHANNELWISE_MODULES,
@@ -36,8 +38,6 @@ from lightning_shapley.shapley.values import (
 )
 
 ENGINES = ("auto", "split+fold", "split", "full")
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *_BATCHNORMS)
 
 #: Activation memory one batch of coalitions may take, by device type.
 DEFAULT_MEMORY_BUDGET = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
@@ -77,8 +77,8 @@ class ChannelGame:
     them; :attr:`mask_module_name` is the one name when there is a single mask point.
 
     Calling the game with a boolean ``[m, n_players]`` tensor returns the ``[m]`` values
-    (float64); it is the value function the estimators take. The model must not change
-    while the game is in use: the game caches activations at construction.
+    (float64); it is the value function the estimators take. The game caches activations
+    at construction: after the model changes (a round of pruning), call :meth:`refresh`.
 
     Example:
         >>> import torch.nn as nn
@@ -111,14 +111,8 @@ class ChannelGame:
         modules = [_find_layer(model, name) for name in names]
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not known; use one of {ENGINES}")
-        for name, setting in (
-            ("memory_budget", memory_budget),
-            ("coalitions_per_forward", coalitions_per_forward),
-        ):
-            if setting is not None and (not isinstance(setting, int) or setting < 1):
-                raise ValueError(
-                    f"{name}={setting!r} is not allowed; it must be a positive integer or None"
-                )
+        check_int("memory_budget", memory_budget, 1, optional=True)
+        check_int("coalitions_per_forward", coalitions_per_forward, 1, optional=True)
         self.device = next(model.parameters(), torch.empty(0)).device
         if self.device.type == "cpu":
             retain_freed_memory()
@@ -129,10 +123,12 @@ class ChannelGame:
         modules = list(found.values())
         #: The coalition value, resolved.
         self.value_function = resolve_value(value)
-        inputs, self._targets = _checked_batches(batches, self.device)
+        self._inputs, self._targets = _checked_batches(batches, self.device)
+        self._modules = modules
+        self._engine_setting = engine
         with scoring_mode(model):
-            self._find_mask_points(modules, channel_dim, inputs[0])
-            self._forward = self._make_engine(engine, inputs)
+            self._find_mask_points(modules, channel_dim, self._inputs[0])
+            self._forward = self._make_engine(engine, self._inputs)
             per_coalition = self._forward.bytes_per_coalition()
         self.players = _players(modules, self.n_channels, pruned)
         budget = memory_budget or DEFAULT_MEMORY_BUDGET.get(
@@ -150,6 +146,72 @@ class ChannelGame:
                     "batch, so coalitions must be evaluated one per forward pass (1 or None)"
                 )
             self.coalitions_per_forward = 1
+
+    @classmethod
+    def from_unit(
+        cls,
+        model: nn.Module,
+        unit: Unit,
+        batches: Sequence[Batch],
+        *,
+        value: ValueSetting | ValueFunction = "loss",
+        pruned: Tensor | None = None,
+        engine: str = "auto",
+        memory_budget: int | None = None,
+        coalitions_per_forward: int | None = None,
+    ) -> ChannelGame:
+        """The game of a prunable unit's channels, zeroed at its producers and normalizations.
+
+        The channels' axis is the one the layer-kind table gives the unit's producers (a
+        convolution's dim 1, a linear layer's last dim); the other arguments are as for
+        the constructor. Keep the game while the unit is pruned in rounds and call
+        :meth:`refresh` after each: the traced split and the probes are not redone.
+
+        Example:
+            >>> from lightning_shapley.pruning.units import find_units
+            >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+            >>> (unit,) = find_units(net, torch.zeros(2, 4))
+            >>> batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+            >>> game = ChannelGame.from_unit(net, unit, batches)
+            >>> game.n_players, game.engine
+            (6, 'split+fold')
+        """
+        axes = {kind_of(model.get_submodule(name)).output_axis for name in unit.producers}
+        if len(axes) > 1:
+            raise ValueError(
+                f"the producers of unit {unit.name!r} hold their channels on different axes "
+                f"of their outputs ({sorted(axes)}); a game needs one channel axis"
+            )
+        return cls(
+            model,
+            (*unit.producers, *unit.batchnorms),
+            batches,
+            value=value,
+            channel_dim=axes.pop(),
+            pruned=pruned,
+            engine=engine,
+            memory_budget=memory_budget,
+            coalitions_per_forward=coalitions_per_forward,
+        )
+
+    def refresh(self, pruned: Tensor | None = None) -> None:
+        """Takes the model as it is now, after its masks, weights or statistics changed.
+
+        The upstream cache is recomputed and the players are read again from ``pruned``
+        and the masks (as the constructor does); the mask points, the traced split and
+        the coalitions per forward pass are kept. A graph that holds copies of the
+        model's tensors (``get_attr``) is traced again instead, since the copies go stale.
+        """
+        with scoring_mode(self.model):
+            if self._forward.reads_attributes:
+                self._forward = self._make_engine(self._engine_setting, self._inputs)
+            else:
+                self._forward.recache()
+        self.players = _players(self._modules, self.n_channels, pruned)
+
+    def release(self) -> None:
+        """Frees the upstream cache until the next :meth:`refresh` (the game keeps its shape)."""
+        self._forward.release()
 
     def _find_mask_points(self, modules: list[nn.Module], channel_dim: int, inputs: Tensor) -> None:
         """Sets ``channel_dim``, ``n_channels`` and ``mask_module_names`` from probe passes."""
@@ -258,7 +320,7 @@ class ChannelGame:
 def _find_layer(model: nn.Module, layer: str) -> nn.Module:
     modules = dict(model.named_modules())
     if not isinstance(layer, str) or layer not in modules or layer == "":
-        candidates = [name for name, m in modules.items() if isinstance(m, _PRUNABLE)]
+        candidates = [name for name, m in modules.items() if kind_of(m) is not None]
         raise ValueError(
             f"layer={layer!r} is not a module of {type(model).__name__}; "
             f"layers with channels: {candidates}"
@@ -310,17 +372,17 @@ def _probe(
     def follow(successor: nn.Module, args: tuple, output: object) -> None:
         if not (args and any(args[0] is tensor for tensor in chain)):
             return
-        if isinstance(successor, _BATCHNORMS):
+        if isinstance(successor, NORM_TYPES):
             seen.setdefault("follower", successor)
         else:
             chain.extend(_tensors_of(output))
 
     handles = [module.register_forward_hook(record_output)]
-    if not isinstance(module, _BATCHNORMS):
+    if not isinstance(module, NORM_TYPES):
         handles += [
             m.register_forward_hook(follow)
             for m in model.modules()
-            if isinstance(m, (*_BATCHNORMS, *CHANNELWISE_MODULES))
+            if isinstance(m, (*NORM_TYPES, *CHANNELWISE_MODULES))
         ]
     try:
         model(inputs)
@@ -371,12 +433,12 @@ def _tensors_of(output: object) -> list[Tensor]:
 
 def _uses_batch_statistics(model: nn.Module) -> bool:
     """Whether a BatchNorm normalizes by the batch even in eval mode, mixing its samples."""
-    return any(isinstance(m, _BATCHNORMS) and not m.track_running_stats for m in model.modules())
+    return any(isinstance(m, NORM_TYPES) and not m.track_running_stats for m in model.modules())
 
 
 def _checked_channel_dim(channel_dim: int, shape: torch.Size, layer: str) -> int:
     ndim = len(shape)
-    if not isinstance(channel_dim, int) or not (1 <= channel_dim < ndim or -ndim < channel_dim < 0):
+    if not is_int(channel_dim) or not (1 <= channel_dim < ndim or -ndim < channel_dim < 0):
         raise ValueError(
             f"channel_dim={channel_dim!r} does not fit the output of {layer!r}, shape "
             f"{tuple(shape)}; it must index a non-batch dimension: 1 to {ndim - 1}, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -64,9 +65,6 @@ def _checked_values(values: Tensor | np.ndarray, coalitions: Tensor) -> Tensor:
             "values must be finite numbers"
         )
     return values
-
-
-
 
 
 @dataclass
@@ -293,3 +291,37 @@ def pairs_for_budget(num_permutations: int | None, max_evaluations: int | None) 
     if max_evaluations is None:
         raise ValueError("give num_permutations or max_evaluations (both are None)")
     return max_evaluations
+
+
+# --------------------------------------------------------------------------- confidence bounds
+
+
+def _bernstein_radius(stats: RoundStatistics, error_rate: float) -> Tensor:
+    """Half-width of the empirical Bernstein interval of each mean."""
+    log_term = math.log(3.0 / error_rate)
+    spread = stats.high - stats.low
+    return (
+        2 * stats.variance * log_term / stats.count
+    ).sqrt() + 3 * spread * log_term / stats.count
+
+
+def _normal_radius(stats: RoundStatistics, error_rate: float) -> Tensor:
+    """Half-width of the central-limit interval of each mean."""
+    z = NormalDist().inv_cdf(1.0 - error_rate / 2)
+    return z * stats.stderr
+
+
+BOUNDS: dict[str, Callable[..., Tensor]] = {
+    "bernstein": _bernstein_radius,
+    "normal": _normal_radius,
+}
+
+
+def unsure_of_bottom_k(stats: RoundStatistics, k: int, radius: Tensor) -> Tensor:
+    """Players whose side of the bottom-k cut the confidence intervals leave open."""
+    mean = stats.mean
+    bottom = torch.zeros_like(mean, dtype=torch.bool)
+    bottom[torch.argsort(mean)[:k]] = True
+    highest_bottom = (mean + radius)[bottom].max()
+    lowest_rest = (mean - radius)[~bottom].min()
+    return (bottom & (mean + radius >= lowest_rest)) | (~bottom & (mean - radius <= highest_bottom))

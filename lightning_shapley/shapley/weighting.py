@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_shapley.checks import is_int
+
 WEIGHTINGS = ("shapley", "banzhaf", "band")
 
 
@@ -46,7 +48,7 @@ class Weighting:
         if self.name not in WEIGHTINGS:
             raise ValueError(f"weighting={self.name!r} is not known; use one of {WEIGHTINGS}")
         if self.name == "band":
-            if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1:
+            if not is_int(self.depth) or self.depth < 1:
                 raise ValueError(
                     f"depth={self.depth!r} is not allowed for weighting='band'; "
                     "it must be an integer of at least 1 (the number of removals counted)"

@@ -1,0 +1,79 @@
+"""The data a pruning step runs on: scoring batches and training inputs, from loaders.
+
+A loader's batch is whatever the user's ``LightningModule`` takes; ``batch_transform``
+turns it into ``(inputs, targets)`` (by default its first two items), and a batch it
+cannot turn into a pair of tensors is refused with the index of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_shapley.pruning.distributed import is_sharded, shard
+from lightning_shapley.shapley.values import Batch
+
+BatchTransform = Callable[[Any], Batch]
+
+
+def first_two(batch: Any) -> Batch:
+    """The default ``batch_transform``: ``(batch[0], batch[1])``."""
+    inputs, targets = batch[0], batch[1]
+    return inputs, targets
+
+
+def scoring_batches(
+    loader: Iterable[Any], transform: BatchTransform, count: int, world_size: int, rank: int
+) -> list[Batch]:
+    """This process's ``count`` scoring batches, unpacked and checked.
+
+    A loader without a distributed sampler gives every process the same batches, so
+    ``count * world_size`` are taken and shared out (:func:`~.distributed.shard`).
+
+    Raises:
+        ValueError: a batch ``transform`` cannot unpack into two tensors, or no batch.
+    """
+    shards = 1 if is_sharded(loader) else world_size
+    batches = []
+    for index, batch in enumerate(islice(loader, count * shards)):
+        try:
+            inputs, targets = transform(batch)
+        except (TypeError, IndexError, KeyError, ValueError) as error:
+            raise ValueError(
+                f"scoring batch {index} (a {type(batch).__name__}) cannot be unpacked into "
+                f"(inputs, targets): {error}; pass batch_transform= to say how"
+            ) from error
+        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+            raise ValueError(
+                f"scoring batch {index} unpacked into ({type(inputs).__name__}, "
+                f"{type(targets).__name__}); inputs and targets must be tensors"
+            )
+        batches.append((inputs, targets))
+    if not batches:
+        raise ValueError("the scoring loader gave no batches; it must give at least one")
+    return shard(batches, shards, rank)
+
+
+def recalibration_inputs(
+    loader: Iterable[Any] | None, transform: BatchTransform, count: int, device: torch.device
+) -> list[Tensor]:
+    """The inputs of the first ``count`` training batches, on ``device``.
+
+    Raises:
+        ValueError: there is no training loader to take them from.
+    """
+    if loader is None:
+        raise ValueError(
+            f"recalibrate={count} needs the trainer's training loader, and it has none; "
+            "pass recalibrate=0 to keep the BatchNorm statistics as they are"
+        )
+    return [transform(batch)[0].to(device) for batch in islice(loader, count)]
+
+
+def to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
+    """``batches`` moved to ``device``."""
+    return [(x.to(device), y.to(device)) for x, y in batches]
