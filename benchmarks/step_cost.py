@@ -19,13 +19,12 @@ subprocess with ``PYTHONPATH`` pointing at its code and the working directory ou
 repository, the same seeds and ``torch.set_num_threads(--threads)``.
 
 Run ``python benchmarks/step_cost.py`` (width 32, 3 repeats: about a minute on an idle
-2-core machine, a few on a busy one). Only width 32 runs by default, as the step's cost
-grows about as the fourth power of the width (the channels to value, times the cost of
-each evaluation): at width 64 the baseline's step alone took about two minutes
-(``--widths 32 64`` runs about 15 minutes), at 128 it would take about half an hour and at
-256 about eight hours (extrapolated, not measured); wider networks are left to an explicit
-``--widths``. On a shared machine other jobs can stretch a step several times over, even
-between repeats a minute apart: the details table gives the fastest repeat too. It prints
+2-core machine). Wider networks cost far more per step (the channels to value times the
+cost of each evaluation): on an idle machine the baseline's step took about 4 s at width
+32 and 25-28 s at width 64, so ``--widths 32 64 --repeats 2`` runs about six minutes;
+wider ones are left to an explicit ``--widths``. On a shared machine other jobs can
+stretch a step several times over, even between repeats a minute apart: the details
+table gives the fastest repeat too. It prints
 markdown tables and writes ``benchmarks/results/step_cost.md`` and
 ``benchmarks/results/step_cost.json`` (``--out`` to change the stem).
 """

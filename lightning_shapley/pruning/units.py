@@ -44,6 +44,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_shapley.layers import (
+    LAYER_KINDS,
     NORM,
     PRODUCER,
     customized_pruners,
@@ -57,10 +58,7 @@ from lightning_shapley.pruning.masking import copy_model
 # table's producers, and the transposed convolutions, so that groups rooted there are
 # named in the warning rather than passed over.
 _ROOTS = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Linear,
+    *(t for kind in LAYER_KINDS if kind.role == PRODUCER for t in kind.types),
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
@@ -78,7 +76,7 @@ class PrunableUnit:
         producers: the ``Conv1d/2d/3d`` or ``Linear`` modules whose output channels these
             are, in registration order; several when a residual add joins their outputs
             (a depthwise convolution on these channels is a producer too).
-        batchnorms: the ``BatchNorm1d/2d/3d`` modules that normalize these channels.
+        batchnorms: the normalizations (the table's norm kinds) of these channels.
         consumers: the modules that read these channels as input channels. A consumer's
             input is either these channels one to one, or flattened channel-major:
             ``in_features == n_channels * k``, channel ``c`` being inputs
