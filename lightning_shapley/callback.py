@@ -7,13 +7,13 @@ how channels are valued and removed is :mod:`~lightning_shapley.pruning`'s and
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
@@ -36,9 +36,10 @@ from lightning_shapley.pruning.batches import (
     scoring_batches,
     to_device,
 )
-from lightning_shapley.pruning.masking import bake_masks, make_permanent, prune_channels
+from lightning_shapley.pruning.masking import bake_masks, make_permanent
 from lightning_shapley.pruning.recalibration import batchnorms
-from lightning_shapley.pruning.rollback import before_step, roll_back
+from lightning_shapley.pruning.resume import check_covered, pruned_units, reapply_masks
+from lightning_shapley.pruning.rollback import ModelState, before_step, roll_back
 from lightning_shapley.pruning.rounds import RoundPruner
 from lightning_shapley.pruning.schedule import Decision, PruningSchedule, resolve_schedule
 from lightning_shapley.pruning.scorers import Scorer, make_scorer
@@ -222,6 +223,7 @@ class ShapleyPruning(Callback):
         #: The scoring value of the dense model, measured just before the first step.
         self.dense_metric: float | None = None
         self._pending_masks: dict[str, list[bool]] | None = None
+        self._checkpoint_pruned: set[str] = set()
         # The last step, while a schedule that judges steps has not judged it yet: what
         # rolling it back needs (see pruning.rollback).
         self._unjudged: dict[str, Any] | None = None
@@ -250,6 +252,11 @@ class ShapleyPruning(Callback):
             trainer.global_rank,
         )
         self.units = find_units(pl_module, self.scoring_batches[0][0], self.layers)
+        if not self.units:
+            raise ValueError(
+                f"{type(pl_module).__name__} has no prunable unit (find_units warned why it "
+                "left each layer out), so ShapleyPruning has nothing to prune"
+            )
         self.rounds.units = self.units
         self.rounds.check_amount(self.amount)
         for unit in self.units:
@@ -277,27 +284,43 @@ class ShapleyPruning(Callback):
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
         """Re-applies the masks of a resumed run (its checkpoint holds plain weights)."""
-        if self._pending_masks is None:
-            return
-        for unit in self.units:
-            if unit.name in self._pending_masks:
-                pruned = torch.tensor(self._pending_masks[unit.name], dtype=torch.bool)
-                if pruned.any():
-                    prune_channels(pl_module, unit, pruned)
+        covered = [
+            u.name for c in trainer.callbacks if isinstance(c, ShapleyPruning) for u in c.units
+        ]
+        check_covered(self._checkpoint_pruned, covered, self.layers)
+        if self._pending_masks is not None:
+            reapply_masks(pl_module, self.units, self._pending_masks)
         self._pending_masks = None
 
     @override
     def on_train_epoch_end(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
-        """Judges the last step if the schedule does, then prunes if this epoch has a step."""
-        if self._unjudged is not None and not self.rolled_back:
-            self._judge(trainer, pl_module)
-        if self.rolled_back:
-            return  # rolling back ends the pruning, whatever the schedule says
-        target = self.schedule.target(trainer.current_epoch)
-        if target is not None:
-            self._step(trainer, pl_module, target)
+        """Judges the last step if the schedule does, then prunes if this epoch has a step.
+
+        All or nothing: on any exception (Ctrl-C included) the model (masks,
+        parametrizations, weights, BatchNorm statistics, train flags) and this callback's
+        history and schedule are put back exactly as they were, and the exception goes on.
+        """
+        own_state = copy.deepcopy(self.state_dict())
+        judge = self._unjudged is not None and not self.rolled_back
+        model_state = ModelState(pl_module) if judge else None
+        try:
+            if judge:
+                self._judge(trainer, pl_module)
+            if self.rolled_back:
+                return  # rolling back ends the pruning, whatever the schedule says
+            target = self.schedule.target(trainer.current_epoch)
+            if target is not None:
+                model_state = model_state or ModelState(pl_module)
+                self._step(trainer, pl_module, target)
+        except BaseException:
+            if model_state is not None:
+                model_state.restore()
+            pending = self._pending_masks
+            self.load_state_dict(own_state)
+            self._pending_masks = pending
+            raise
 
     @property
     def rolled_back(self) -> bool:
@@ -481,6 +504,16 @@ class ShapleyPruning(Callback):
         self.dense_metric = state_dict["dense_metric"]
         self._unjudged = state_dict["unjudged"]
         self._pending_masks = self.history[-1]["masks"] if self.history else None
+
+    @override
+    def on_load_checkpoint(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        checkpoint: dict[str, Any],
+    ) -> None:
+        """Notes every unit the checkpoint's pruning callbacks pruned, whatever their keys."""
+        self._checkpoint_pruned = pruned_units(checkpoint, type(self).__qualname__)
 
     @override
     def on_save_checkpoint(

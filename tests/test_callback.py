@@ -1,6 +1,7 @@
 """The ShapleyPruning callback in real Trainer.fit runs on the digits data."""
 
 import csv
+import signal
 from pathlib import Path
 
 import lightning
@@ -683,3 +684,141 @@ def test_two_callbacks_on_one_trainer_keep_their_own_state(tmp_path: Path) -> No
     assert saved[first.state_key]["history"][-1]["masks"].keys() == {"net.features.0"}
     assert saved[second.state_key]["history"][-1]["masks"].keys() == {"net.features.3"}
     assert first.history[-1]["sparsity"] == 0.5 and second.history[-1]["sparsity"] == 0.25
+
+
+# --------------------------------------------------------------------------- all or nothing
+
+
+class FailingValue:
+    """The negative cross-entropy, raising ``error`` at its 50th call once armed."""
+
+    def __init__(self, error: BaseException, armed: bool = True) -> None:
+        self.error, self.armed, self.calls = error, armed, 0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        self.calls += self.armed
+        if self.calls == 50:
+            raise self.error
+        return -F.cross_entropy(logits, targets).item()
+
+
+class ModelSnapshot(Callback):
+    """What the model is at the end of each epoch, before the pruning callback runs.
+
+    Arms the failing value function at the start of epoch ``arm_at``.
+    """
+
+    def __init__(self, value: FailingValue, arm_at: int) -> None:
+        self.value, self.arm_at = value, arm_at
+        self.taken: dict = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.value.armed = self.value.armed or trainer.current_epoch == self.arm_at
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.taken = everything_of(pl_module)
+
+
+def everything_of(module: nn.Module) -> dict:
+    """Every tensor (cloned), parameter identity, hook, tensor attribute and flag of a model."""
+    return {
+        "tensors": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "parameters": [(name, id(p)) for name, p in module.named_parameters()],
+        "hooks": [
+            (name, len(m._forward_pre_hooks), len(m._load_state_dict_post_hooks))
+            for name, m in module.named_modules()
+        ],
+        "attributes": [
+            (name, sorted(k for k, v in vars(m).items() if isinstance(v, torch.Tensor)))
+            for name, m in module.named_modules()
+        ],
+        "training": [m.training for m in module.modules()],
+    }
+
+
+def assert_same_model(ours: dict, theirs: dict) -> None:
+    assert ours["tensors"].keys() == theirs["tensors"].keys()
+    for key, tensor in ours["tensors"].items():
+        assert torch.equal(tensor, theirs["tensors"][key]), key
+    for part in ("parameters", "hooks", "attributes", "training"):
+        assert ours[part] == theirs[part], part
+
+
+def test_a_step_that_fails_half_way_leaves_the_model_and_history_as_before(tmp_path: Path) -> None:
+    value = FailingValue(RuntimeError("the 50th evaluation failed"))
+    snapshot = ModelSnapshot(value, arm_at=0)
+    pruning = ShapleyPruning(amount=0.5, epochs=[0], value=value, reporter=False)
+    trainer = make_trainer(tmp_path, 1, [snapshot, pruning], enable_checkpointing=False)
+    module = make_module()
+    with pytest.raises(RuntimeError, match="the 50th evaluation failed"):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+
+    assert value.calls == 50  # it failed inside the step, after rounds had pruned
+    assert_same_model(everything_of(module), snapshot.taken)
+    assert pruning.history == [] and pruning.dense_metric is None
+
+
+def test_ctrl_c_in_a_later_step_undoes_that_step_only(tmp_path: Path) -> None:
+    value = FailingValue(KeyboardInterrupt(), armed=False)
+    snapshot = ModelSnapshot(value, arm_at=1)
+    pruning = ShapleyPruning(amount=0.5, epochs=[0, 1], value=value, reporter=False)
+    trainer = make_trainer(tmp_path, 2, [snapshot, pruning], enable_checkpointing=False)
+    module = make_module()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
+            trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C from then on
+
+    assert value.calls == 50
+    assert_same_model(everything_of(module), snapshot.taken)
+    (first,) = pruning.history  # the first step stands, masks and all
+    for unit in pruning.units:
+        assert pruned_channels(module, unit).tolist() == first["masks"][unit.name]
+
+
+# ------------------------------------------------------------------- refused before training
+
+
+def test_a_model_with_no_prunable_unit_is_refused_at_setup(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = ImageClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))  # the head only
+    pruning = ShapleyPruning(epochs=[0], reporter=False)
+    trainer = make_trainer(tmp_path, 1, [pruning], enable_checkpointing=False)
+    with pytest.raises(ValueError, match="has no prunable unit"):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_leave_one_out_values_that_are_not_finite_are_refused(tmp_path: Path, bad: float) -> None:
+    pruning = ShapleyPruning(epochs=[0], scorer="loo", value=lambda *_: bad, reporter=False)
+    module = make_module()
+    snapshot = ModelSnapshot(FailingValue(RuntimeError(), armed=False), arm_at=99)
+    trainer = make_trainer(tmp_path, 1, [snapshot, pruning], enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"scorer 'loo' gave .* a score of NaN or infinity"):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert_same_model(everything_of(module), snapshot.taken)
+    assert pruning.history == []
+
+
+def test_resuming_with_fewer_layers_than_the_checkpoint_pruned_is_refused(tmp_path: Path) -> None:
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    pruning = ShapleyPruning(amount=0.5, epochs=[0], scorer="l1", reporter=False)
+    trainer = make_trainer(tmp_path, 1, [pruning, checkpoints])
+    trainer.fit(make_module(), datamodule=DigitsDataModule(batch_size=64))
+
+    narrower = ShapleyPruning(
+        amount=0.5, epochs=[0], scorer="l1", layers=["net.features.0"], reporter=False
+    )
+    trainer = make_trainer(tmp_path / "resumed", 2, [narrower])
+    with pytest.raises(
+        ValueError, match=r"pruned the units \['net.features.3', 'net.features.7'\]"
+    ):
+        trainer.fit(
+            make_module(seed=1),
+            datamodule=DigitsDataModule(batch_size=64),
+            ckpt_path=tmp_path / "ckpt" / "last.ckpt",
+        )
+    assert trainer.global_step == 1 * 8  # the first run's steps, none of the resumed run's

@@ -80,6 +80,7 @@ def test_main_job_runs_the_whole_pipeline(
         (["logger.csv.name=x"], ["choose one first: logger=csv|many|tensorboard|wandb"]),
         (["shapley.layer=features.3"], ["the config has no key 'shapley'", "pruning"]),
         (["pruning.epochs.7=3"], ["is a list of 2"]),
+        (["-m", "estimator=band,magic"], ["'estimator' has no option 'magic'", "adaptive|band"]),
     ],
 )
 def test_unknown_keys_are_refused_with_the_keys_that_exist(
@@ -108,6 +109,7 @@ def test_a_launcher_without_its_plugin_is_named() -> None:
         ["-m", "pruning=shapley,l1", "pruning.amount=0.25,0.5"],
         ["logger=csv", "logger.csv.name=x", "+pruning.recalibrate=2"],
         ["experiment=quick", "estimator=tmc", "estimator.num_permutations=8"],
+        ["estimator=adaptive", "estimator.options.tolerance=0.01"],
     ],
 )
 def test_known_keys_pass_the_check(argv: list[str]) -> None:
@@ -125,6 +127,10 @@ def test_known_keys_pass_the_check(argv: list[str]) -> None:
         ("pruning.epochs=[1,9]", "has an epoch beyond max_epochs=4"),
         ("pruning.amout=0.3", "did you mean pruning.amount?"),
         ("trainer.strategy=ddp_spawn", "use strategy=ddp"),
+        ("seed=-1", "seed=-1 is not allowed; it must be an integer in [0, 2**32)"),
+        ("pruning=magic", "'pruning' has no option 'magic'; choose one of bn_gamma|l1|loo"),
+        ("estimator.num_permutations=0", "num_permutations=0 is not allowed"),
+        ("+estimator.options.bottom_kk=3", "['bottom_kk'] are not options of method="),
     ],
 )
 def test_bad_settings_fail_at_once_with_one_line(

@@ -310,6 +310,30 @@ def test_compact_checkpoint_errors(masked_cnn: DigitsCNN, tmp_path) -> None:
         load_compact(tmp_path / "plain.pt", DigitsCNN())
 
 
+def test_a_damaged_compact_checkpoint_is_refused(masked_cnn: DigitsCNN, tmp_path) -> None:
+    small = compact(masked_cnn, torch.rand(4, 1, 8, 8))
+    path = save_compact(small, tmp_path / "c.pt")
+    # Flip one byte inside a tensor's data, where torch.load does not look.
+    data = bytearray(path.read_bytes())
+    weight = small.features[3].weight.detach().contiguous().numpy().tobytes()
+    start = bytes(data).index(weight)
+    data[start + 100] ^= 0xFF
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    fresh = DigitsCNN(channels=(16, 16, 32))
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match=r"damaged: the tensor 'features\.3\.weight' does not"):
+        load_compact(flipped, fresh)
+    _assert_unchanged(fresh, before)
+
+    payload = torch.load(path, weights_only=True)
+    payload["shapes"]["features.3"]["out_channels"] = "five"
+    torch.save(payload, tmp_path / "crafted.pt")
+    with pytest.raises(ValueError, match=r"damaged: features\.3\.out_channels='five' is not"):
+        load_compact(tmp_path / "crafted.pt", fresh)
+    _assert_unchanged(fresh, before)
+
+
 @pytest.fixture(scope="module")
 def exported(
     masked_cnn: DigitsCNN, score_batches: list, test_batches: list, tmp_path_factory

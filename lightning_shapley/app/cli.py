@@ -99,8 +99,8 @@ def check_overrides(argv: Sequence[str], config_dir: str = CONFIG_PATH) -> str |
     Hydra refuses such a key with "Key 'x' is not in struct"; this names the key, the value
     and the keys that exist there (with the closest one). The groups chosen on the command
     line (the first option of a swept group) are composed first, since they decide which
-    keys exist. Anything else that is wrong (syntax, an unknown group option, a value) is
-    left to Hydra and the run.
+    keys exist. An unknown option of a group is named with the options there. Anything
+    else that is wrong (syntax, a value) is left to Hydra and the run.
 
     Args:
         argv: the command line after the program name.
@@ -140,6 +140,9 @@ def check_overrides(argv: Sequence[str], config_dir: str = CONFIG_PATH) -> str |
         if key.startswith("hydra") or override.package:
             continue
         if (Path(config_dir) / key).is_dir():
+            message = _unknown_option(override, key, config_dir)
+            if message is not None:
+                return message
             if override.is_sweep_override():  # the first option decides which keys exist
                 choice = next(iter(override.sweep_string_iterator()), None)
                 groups.append(f"{key}={choice}")
@@ -229,6 +232,25 @@ def _missing_key(tree: Any, key: str, value: str, config_dir: str) -> str | None
             return f"{key}={value}: {where!r} is a value ({node!r}), not a group of keys"
         path.append(part)
     return None
+
+
+def _unknown_option(override: Any, group: str, config_dir: str) -> str | None:
+    """Why a group override chooses an option the group lacks, or None."""
+    if override.is_delete() or (not override.is_sweep_override() and override.value() is None):
+        return None  # "~group" or "group=null": no option chosen
+    choices = (
+        list(override.sweep_string_iterator())
+        if override.is_sweep_override()
+        else [str(override.value())]
+    )
+    options = _group_options(config_dir, group)
+    unknown = [choice for choice in choices if choice not in (*options, "null")]
+    if not unknown:
+        return None
+    return (
+        f"{group}={','.join(choices)}: {group!r} has no option {unknown[0]!r}; "
+        f"choose one of {'|'.join(options)}"
+    )
 
 
 def _group_options(config_dir: str, group: str) -> list[str]:

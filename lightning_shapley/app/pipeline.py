@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     _set_threads(cfg.threads)
+    _check_seed(cfg.seed)
     lightning.seed_everything(cfg.seed, workers=True)  # before building: weights are drawn
     job = build(cfg)
     for logger in job.trainer.loggers:
@@ -179,6 +180,12 @@ def _check_export(formats: Any) -> None:
         export.check_formats(listed, setting="export")
     except ValueError as error:
         raise SettingError(str(error)) from None
+
+
+def _check_seed(seed: Any) -> None:
+    # Lightning seeds numpy too, which takes 0 to 2**32 - 1 only.
+    if not is_int(seed) or not 0 <= seed < 2**32:
+        raise SettingError(f"seed={seed!r} is not allowed; it must be an integer in [0, 2**32)")
 
 
 def _set_threads(threads: int | None) -> None:

@@ -9,6 +9,7 @@ tensors, numbers and strings only: no pickled code.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from lightning_shapley.checks import is_int
 from lightning_shapley.layers import LAYER_KINDS
 
-# Marks a save_compact file; the number changes if its layout does.
-_CHECKPOINT_FORMAT = "lightning_shapley.compact/1"
+# Marks a save_compact file; the number changes if its layout does (2: tensor digests).
+_CHECKPOINT_FORMAT = "lightning_shapley.compact/2"
 # The constructor arguments that fix the shapes of each layer kind torch-pruning resizes:
 # the layer-kind table's, then those torch-pruning resizes outside any unit of ours.
 _SHAPE_ATTRIBUTES: tuple[tuple[tuple[type[nn.Module], ...], tuple[str, ...]], ...] = (
@@ -38,8 +40,9 @@ def save_compact(model: nn.Module, path: str | Path) -> Path:
 
     The file holds the state dict, the channel counts of every resizable layer (the
     constructor arguments ``in_channels``, ``out_features``, ``num_features``... that
-    torch-pruning changed) and the model's class name; no pickled code, so it loads with
-    ``torch.load(weights_only=True)``, and is as large as the compact model's tensors.
+    torch-pruning changed), the model's class name and a SHA-256 digest of every tensor;
+    no pickled code, so it loads with ``torch.load(weights_only=True)``, and is as large
+    as the compact model's tensors.
 
     Args:
         model: a compact model, as :func:`~lightning_shapley.export.compaction.compact`
@@ -78,6 +81,8 @@ def save_compact(model: nn.Module, path: str | Path) -> Path:
         # clone(): a tensor that views a larger storage would save all of it.
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    # The digests let load_compact tell a damaged file from a good one.
+    payload["digests"] = {key: _digest(value) for key, value in payload["state_dict"].items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
@@ -102,7 +107,9 @@ def load_compact(path: str | Path, model: nn.Module) -> nn.Module:
         ``model`` itself, now compact, with the saved weights; train/eval mode unchanged.
 
     Raises:
-        ValueError: if ``path`` is not such a file, ``model`` is of another class, its
+        ValueError: if ``path`` is not such a file or is damaged (a tensor that does not
+            match its digest, a shape field that is not a channel count), ``model`` is of
+            another class, its
             state dict has other keys, or a tensor's shape differs in a layer that
             ``load_compact`` cannot resize (only Conv, ConvTranspose, Linear, BatchNorm,
             InstanceNorm, LayerNorm, GroupNorm, PReLU and Embedding layers are resized).
@@ -132,6 +139,7 @@ def load_compact(path: str | Path, model: nn.Module) -> nn.Module:
         )
     saved: dict[str, Tensor] = payload["state_dict"]
     shapes: dict[str, dict[str, Any]] = payload["shapes"]
+    _check_integrity(path, saved, shapes, payload["digests"])
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
     if missing or unexpected:
@@ -192,6 +200,41 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{_CHECKPOINT_FORMAT!r} marker); a plain state dict loads with load_state_dict"
         )
     return payload
+
+
+def _digest(tensor: Tensor) -> str:
+    """The SHA-256 of a tensor's dtype, shape and bytes."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    header = f"{tensor.dtype}{tuple(tensor.shape)}".encode()
+    return hashlib.sha256(header + data).hexdigest()
+
+
+def _check_integrity(
+    path: str | Path,
+    saved: dict[str, Tensor],
+    shapes: dict[str, dict[str, Any]],
+    digests: object,
+) -> None:
+    """Raises a ``ValueError`` if a tensor or a shape field is not what save_compact wrote."""
+    damaged = f"{path} is damaged"
+    if not isinstance(digests, dict) or digests.keys() != saved.keys():
+        raise ValueError(f"{damaged}: its digests do not list exactly its tensors")
+    for key, tensor in saved.items():
+        if not isinstance(tensor, Tensor) or digests[key] != _digest(tensor):
+            raise ValueError(
+                f"{damaged}: the tensor {key!r} does not match its digest (the file changed "
+                "after save_compact wrote it)"
+            )
+    if not isinstance(shapes, dict) or not all(isinstance(a, dict) for a in shapes.values()):
+        raise ValueError(f"{damaged}: its shape fields are not a table of layers")
+    for module_name, attributes in shapes.items():
+        for attribute, value in attributes.items():
+            counts = value if isinstance(value, list | tuple) else (value,)
+            if not counts or not all(is_int(count) and count >= 1 for count in counts):
+                raise ValueError(
+                    f"{damaged}: {module_name}.{attribute}={value!r} is not a channel count "
+                    "(a positive integer)"
+                )
 
 
 def _shape_of(module: nn.Module) -> dict[str, Any] | None:

@@ -180,6 +180,7 @@ class RoundPruner:
                     }
                     if combine is not None:
                         scores = combine(scores)
+                    self._check_finite(scores, current)
                     plan = self._plan(quota, current, scores)
                     if agree is not None:
                         plan = agree(plan)
@@ -200,6 +201,18 @@ class RoundPruner:
                 if removed == 0:
                     break  # min_channels holds every unit back: nothing more can go
         return latest
+
+    def _check_finite(self, scores: dict[str, ChannelScores], current: dict[str, Tensor]) -> None:
+        """Raises a ``ValueError`` if a channel in play scored NaN or infinity."""
+        for name, unit_scores in scores.items():
+            bad = ~torch.isfinite(unit_scores.values) & ~current[name]
+            if bad.any():
+                raise ValueError(
+                    f"scorer {self.scorer.name!r} gave {int(bad.sum())} channels of unit "
+                    f"{name!r} a score of NaN or infinity (channels "
+                    f"{bad.nonzero().flatten().tolist()[:8]}); scores must be finite: check "
+                    "the value function and the model's outputs"
+                )
 
     @staticmethod
     def _recalibrate(

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from lightning_shapley.checks import check_int
 from lightning_shapley.layers import Unit, kind_of
 from lightning_shapley.pruning.masking import copy_model, set_pruned_channels
 from lightning_shapley.shapley.functional import estimate_channels
@@ -137,6 +138,8 @@ class ShapleyScorer(Scorer):
         #: The coalition-size weighting, resolved.
         self.weighting = resolve_weighting(weighting, depth)
         method = method or default_method(self.weighting)
+        # Checked whatever the method, so a bad budget is never silently ignored.
+        check_int("num_permutations", num_permutations, 1, optional=True)
         # Exact enumeration takes no budget and draws nothing at random.
         sampling = {} if method == "exact" else {"num_permutations": num_permutations, "seed": seed}
         #: The estimator with its options, resolved.
