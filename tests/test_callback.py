@@ -822,3 +822,30 @@ def test_resuming_with_fewer_layers_than_the_checkpoint_pruned_is_refused(tmp_pa
             ckpt_path=tmp_path / "ckpt" / "last.ckpt",
         )
     assert trainer.global_step == 1 * 8  # the first run's steps, none of the resumed run's
+
+
+# ------------------------------------------------------------------- scoring data from fit
+
+
+def digits_loaders() -> tuple[DataLoader, DataLoader]:
+    data = DigitsDataModule(batch_size=64)
+    return data.train_dataloader(), data.val_dataloader()
+
+
+@pytest.mark.parametrize("with_val", [True, False])
+def test_fit_with_loaders_scores_on_the_val_loader_else_the_train_loader(
+    tmp_path: Path, with_val: bool
+) -> None:
+    train, val = digits_loaders()
+    pruning = ShapleyPruning(amount=0.25, epochs=[0], score_batches=2, reporter=False)
+    trainer = make_trainer(tmp_path, 1, [pruning], enable_checkpointing=False)
+    trainer.fit(make_module(), train, val if with_val else None)
+
+    source = val if with_val else train
+    expected = [batch for _, batch in zip(range(2), source, strict=False)]
+    assert len(pruning.scoring_batches) == 2
+    for (x, y), (ex, ey) in zip(pruning.scoring_batches, expected, strict=True):
+        if with_val:  # the training loader shuffles: only its shapes are comparable
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+        assert x.shape == ex.shape
+    assert pruning.history[-1]["sparsity"] == 0.25

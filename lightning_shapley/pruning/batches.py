@@ -7,10 +7,11 @@ cannot turn into a pair of tensors is refused with the index of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any
 
+import lightning
 import torch
 from torch import Tensor
 
@@ -24,6 +25,35 @@ def first_two(batch: Any) -> Batch:
     """The default ``batch_transform``: ``(batch[0], batch[1])``."""
     inputs, targets = batch[0], batch[1]
     return inputs, targets
+
+
+def loader_given_to_fit(trainer: lightning.Trainer, name: str) -> Iterable[Any]:
+    """The ``name`` (``"val"`` or ``"train"``) loader that fit was given, else the training one.
+
+    Lightning keeps what ``fit`` was given (loaders, a datamodule, or the module's own
+    ``*_dataloader`` methods) as a source per loop. A loader asked for here, not through
+    the trainer, has no distributed sampler and gives every process the same batches to
+    share out. Of several loaders, the first.
+
+    Raises:
+        ValueError: fit was given neither.
+    """
+    sources = {
+        "val": trainer.fit_loop.epoch_loop.val_loop._data_source,
+        "train": trainer.fit_loop._data_source,
+    }
+    for source in (sources[name], sources["train"]):
+        loader = source.dataloader() if source.is_defined() else None
+        if isinstance(loader, Mapping) and loader:
+            loader = next(iter(loader.values()))
+        if isinstance(loader, list | tuple) and loader:
+            loader = loader[0]
+        if loader is not None:
+            return loader
+    raise ValueError(
+        f"score_dataloader is None and fit was given no {name} or training loader to score "
+        "on; pass score_dataloader="
+    )
 
 
 def scoring_batches(
