@@ -30,7 +30,7 @@ from lightning_shapley.export import (
     export_artifacts,
     masked_size_bytes,
 )
-from lightning_shapley.pruning import distributed, record
+from lightning_shapley.pruning import distributed, monitors, record
 from lightning_shapley.pruning.batches import (
     BatchTransform,
     first_two,
@@ -39,7 +39,7 @@ from lightning_shapley.pruning.batches import (
     scoring_batches,
     to_device,
 )
-from lightning_shapley.pruning.masking import bake_masks, make_permanent
+from lightning_shapley.pruning.masking import bake_masks, make_permanent, plain_copy
 from lightning_shapley.pruning.recalibration import batchnorms
 from lightning_shapley.pruning.resume import check_covered, pruned_units, reapply_masks
 from lightning_shapley.pruning.rollback import ModelState, before_step, roll_back
@@ -228,6 +228,8 @@ class ShapleyPruning(Callback):
         self.dense_metric: float | None = None
         self._pending_masks: dict[str, list[bool]] | None = None
         self._checkpoint_pruned: set[str] = set()
+        # Monitored metrics marked stale after a step, and the values measured before it.
+        self._stale_monitors: dict[str, Any] = {}
         # The last step, while a schedule that judges steps has not judged it yet: what
         # rolling it back needs (see pruning.rollback).
         self._unjudged: dict[str, Any] | None = None
@@ -310,6 +312,8 @@ class ShapleyPruning(Callback):
             if target is not None:
                 model_state = model_state or ModelState(pl_module)
                 self._step(trainer, pl_module, target)
+                # The validation before the step measured other weights (see monitors.py).
+                self._stale_monitors |= monitors.mark_stale(trainer)
         except BaseException:
             if model_state is not None:
                 model_state.restore()
@@ -317,6 +321,14 @@ class ShapleyPruning(Callback):
             self.load_state_dict(own_state)
             self._pending_masks = pending
             raise
+
+    @override
+    def on_train_epoch_start(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        """Puts back the monitored values a step marked stale (the next validation runs on)."""
+        monitors.restore(trainer, self._stale_monitors)
+        self._stale_monitors = {}
 
     @property
     def rolled_back(self) -> bool:
@@ -440,6 +452,8 @@ class ShapleyPruning(Callback):
     @override
     def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         """Writes the export artifacts, then draws the run's figures and logs its charts."""
+        monitors.restore(trainer, self._stale_monitors)
+        self._stale_monitors = {}
         if self.export:
             # trainer.log_dir is broadcast under DDP: every process asks, rank zero writes.
             directory = self.export_dir or Path(trainer.log_dir or trainer.default_root_dir)
@@ -518,8 +532,20 @@ class ShapleyPruning(Callback):
         pl_module: lightning.LightningModule,
         checkpoint: dict[str, Any],
     ) -> None:
-        """Saves plain weights, which load into a fresh model; the masks travel in our state."""
+        """Saves plain weights, which load into a fresh model; the masks travel in our state.
+
+        A network saved as a hyperparameter (``save_hyperparameters()`` with the module)
+        is saved plain too, so ``load_from_checkpoint`` builds a model that takes them.
+        """
         bake_masks(checkpoint["state_dict"])
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, Mapping) and any(
+            isinstance(value, torch.nn.Module) for value in hparams.values()
+        ):
+            checkpoint["hyper_parameters"] = {
+                key: plain_copy(value) if isinstance(value, torch.nn.Module) else value
+                for key, value in hparams.items()
+            }
 
 
 def _judges_steps(schedule: PruningSchedule) -> bool:

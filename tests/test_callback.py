@@ -1,17 +1,21 @@
 """The ShapleyPruning callback in real Trainer.fit runs on the digits data."""
 
 import csv
+import functools
 import signal
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from models_for_tests import ResidualBlock
 from torch import nn
+from torch.multiprocessing.spawn import ProcessExitedException
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_shapley import ChannelGame
@@ -29,6 +33,28 @@ UNITS = {"net.features.0": "net.features.1", "net.features.3": "net.features.4"}
 UNITS |= {"net.features.7": "net.features.8"}
 # Two CPU processes over gloo: cheap DDP coverage on any machine.
 DDP = {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": 2}
+
+
+def again_if_a_process_aborts_at_exit(test: Callable[..., None]) -> Callable[..., None]:
+    """Runs a ``ddp_spawn`` test once more if a spawned process aborted (SIGABRT).
+
+    In the full suite, about one run in four, a gloo process of this machine aborts while
+    exiting ("terminate called without an active exception"), after fit has finished on
+    every process; it was never seen with these tests alone. The test runs again in a
+    folder of its own and must pass all its checks then: a real failure fails twice.
+    """
+
+    @functools.wraps(test)
+    def wrapper(*args: object, tmp_path: Path, **kwargs: object) -> None:
+        try:
+            test(*args, tmp_path=tmp_path, **kwargs)
+        except ProcessExitedException as error:
+            if error.signal_name != "SIGABRT":
+                raise
+            warnings.warn(f"a spawned process aborted ({error}); running again", stacklevel=2)
+            test(*args, tmp_path=tmp_path / "again", **kwargs)
+
+    return wrapper
 
 
 def make_module(seed: int = 0) -> ImageClassifier:
@@ -106,6 +132,7 @@ def as_tensor(values: list[float]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("processes", [pytest.param(1, id="single"), pytest.param(2, id="ddp")])
+@again_if_a_process_aborts_at_exit
 def test_pruning_on_schedule_keeps_channels_zero_through_fine_tuning(
     tmp_path: Path, processes: int
 ) -> None:
@@ -193,6 +220,7 @@ def test_pruning_on_schedule_keeps_channels_zero_through_fine_tuning(
 
 
 @pytest.mark.parametrize("processes", [pytest.param(1, id="single"), pytest.param(2, id="ddp")])
+@again_if_a_process_aborts_at_exit
 def test_default_rounds_remove_one_channel_at_a_time_and_agree_across_processes(
     tmp_path: Path, processes: int
 ) -> None:
@@ -481,6 +509,7 @@ def test_until_drop_resumed_mid_search_rolls_back_the_unjudged_step(tmp_path: Pa
     assert_revived_as_before(before.by_epoch[5], after.by_epoch[6], revived)
 
 
+@again_if_a_process_aborts_at_exit
 def test_until_drop_under_ddp_judges_and_rolls_back_alike_on_every_process(
     tmp_path: Path,
 ) -> None:
@@ -849,3 +878,99 @@ def test_fit_with_loaders_scores_on_the_val_loader_else_the_train_loader(
             assert torch.equal(x, ex) and torch.equal(y, ey)
         assert x.shape == ex.shape
     assert pruning.history[-1]["sparsity"] == 0.25
+
+
+# ------------------------------------------------------------------- checkpoints after pruning
+
+
+def test_test_on_the_best_checkpoint_after_pruning_scores_the_weights_in_that_file(
+    tmp_path: Path,
+) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max")
+    pruning = ShapleyPruning(amount=0.5, epochs=[1, 2], scorer="l1", reporter=False)
+    trainer = make_trainer(tmp_path, 4, [pruning, checkpoint])
+    module = make_module()
+    data = DigitsDataModule(batch_size=64)
+    trainer.fit(module, datamodule=data)
+    assert any(name.endswith("_orig") for name, _ in module.named_parameters())  # still masked
+
+    (tested,) = trainer.test(module, datamodule=data, ckpt_path="best")
+    best = torch.load(checkpoint.best_model_path, weights_only=False)
+    fresh = make_module(seed=3)
+    fresh.load_state_dict(best["state_dict"])  # plain weights: a fresh model takes them
+    (reference,) = lightning.Trainer(logger=False, enable_progress_bar=False).test(
+        fresh, datamodule=data, verbose=False
+    )
+    assert tested["test/acc"] == reference["test/acc"]
+    # The masks are the file's: its zero channels, whichever epoch it came from.
+    for unit in pruning.units:
+        zero = zero_rows(fresh, unit.name)
+        assert torch.equal(pruned_channels(module, unit), zero)
+
+
+class TemplateModule(ImageClassifier):
+    """lightning-hydra-template's habit: the network itself among the hyperparameters."""
+
+    def __init__(self, net: nn.Module, lr: float = 1e-2) -> None:
+        super().__init__(net, lr)
+        self.save_hyperparameters(logger=False)
+
+
+def test_load_from_checkpoint_with_the_network_in_the_hyperparameters(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = TemplateModule(DigitsCNN(channels=CHANNELS))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    pruning = ShapleyPruning(amount=0.5, epochs=[0], scorer="l1", reporter=False)
+    trainer = make_trainer(tmp_path, 2, [pruning, checkpoint])
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+
+    last = tmp_path / "ckpt" / "last.ckpt"
+    loaded = TemplateModule.load_from_checkpoint(last, weights_only=False).eval()  # a pickled net
+    x = DigitsDataModule(batch_size=64).val_dataloader().dataset.tensors[0][:32]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), module.eval()(x))
+    assert not any(name.endswith("_orig") for name, _ in loaded.named_parameters())
+    assert any(name.endswith("_orig") for name, _ in module.named_parameters())  # untouched
+
+
+class WaitCounts(Callback):
+    """EarlyStopping's count of epochs without improvement after each epoch's check.
+
+    Lightning runs EarlyStopping after the other callbacks at the end of an epoch, so the
+    count is read when the next epoch starts.
+    """
+
+    def __init__(self, stopping: EarlyStopping) -> None:
+        self.stopping, self.counts = stopping, {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.counts[trainer.current_epoch - 1] = self.stopping.wait_count
+
+
+def test_best_is_never_a_pruned_epoch_ranked_by_its_dense_score(tmp_path: Path) -> None:
+    # Saving at the end of each training epoch (Lightning's default when validation runs
+    # every epoch) comes after the step: the validation before it measured other weights.
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_top_k=-1
+    )
+    stopping = EarlyStopping(monitor="val/acc", mode="max", patience=10)
+    waits = WaitCounts(stopping)
+    pruning = ShapleyPruning(amount=0.5, epochs=[1, 2], scorer="l1", reporter=False)
+    trainer = make_trainer(tmp_path, 4, [pruning, checkpoint, stopping, waits])
+    data = DigitsDataModule(batch_size=64)
+    trainer.fit(make_module(), datamodule=data)
+
+    scores = {Path(path).name: float(score) for path, score in checkpoint.best_k_models.items()}
+    for epoch in (1, 2):  # the pruning epochs rank last, whatever was measured before
+        (name,) = [n for n in scores if n.startswith(f"epoch={epoch}-")]
+        assert scores[name] == torch.finfo(torch.float32).min
+    assert not Path(checkpoint.best_model_path).name.startswith(("epoch=1-", "epoch=2-"))
+    best = torch.load(checkpoint.best_model_path, weights_only=False)
+    fresh = make_module(seed=3)
+    fresh.load_state_dict(best["state_dict"])
+    (validated,) = lightning.Trainer(logger=False, enable_progress_bar=False).validate(
+        fresh, datamodule=data, verbose=False
+    )
+    assert validated["val/acc"] == pytest.approx(float(checkpoint.best_model_score), abs=1e-6)
+    assert waits.counts[1] >= 1 and waits.counts[2] >= 2  # pruning epochs do not improve
+    assert trainer.callback_metrics["val/acc"] > 0  # the measured values are back after fit

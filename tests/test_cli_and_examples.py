@@ -10,6 +10,7 @@ a sweep runs the installed console script in a process of its own.
 import importlib.util
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -241,6 +242,7 @@ def test_wandb_logger_is_offline_and_grouped_by_sweep(
         ("plain_lightning.py", ["--quick"], ["parameters: 5,178 dense, 1,442 compact"]),
         ("custom_value_and_batches.py", ["--quick"], ["macro F1 on the scoring batches"]),
         ("layer_values.py", ["--quick"], ["exact: 1024 evaluations"]),
+        ("template_flow.py", ["--quick"], ["compact of the reloaded model: 5,226 -> "]),
     ],
 )
 def test_python_examples_run(
@@ -257,6 +259,11 @@ def test_python_examples_run(
     out = capsys.readouterr().out
     for text in expected:
         assert text in out
+    if example == "template_flow.py":  # test on "best" scores the weights in that file
+        best = re.search(r"best checkpoint: epoch=(\d+)-", out)
+        assert best is not None and int(best.group(1)) not in (1, 2)  # not a pruning epoch
+        tested, reloaded = re.search(r"test on best: ([\d.]+); reloaded: ([\d.]+)", out).groups()
+        assert tested == reloaded
 
 
 def test_hydra_sweep_example_runs(tmp_path: Path) -> None:

@@ -134,7 +134,10 @@ def test_nothing_pruned_comes_back_equal(masked: bool) -> None:
     x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     if masked:
         _prune_every_unit(model, x, {"features.0": 0, "features.3": 0, "features.7": 0})
-    small = _compact_and_compare(model, x)
+        small = _compact_and_compare(model, x)
+    else:
+        with pytest.warns(UserWarning, match="compact has nothing to remove"):
+            small = _compact_and_compare(model, x)
     assert _n_params(small) == _n_params(model)
     assert [p.shape for p in small.parameters()] == [
         p.shape for p in DigitsCNN(channels=(4, 4, 8)).parameters()
@@ -450,3 +453,21 @@ def test_package_re_exports_every_public_name() -> None:
     module = importlib.import_module("lightning_shapley.export.compaction")
     assert export.compact is compact is module.compact
     assert callable(export.compact)
+
+
+def test_compact_of_a_reloaded_model_removes_its_zero_channels(masked_cnn: DigitsCNN) -> None:
+    x = torch.rand(4, 1, 8, 8)
+    state = masked_cnn.state_dict()
+    masking.bake_masks(state)  # what a pruned checkpoint holds
+    reloaded = DigitsCNN(channels=(16, 16, 32)).eval()
+    reloaded.load_state_dict(state)
+    assert not masking.has_masks(reloaded)
+
+    small = compact(reloaded, x)
+    from_masks = compact(masked_cnn, x)
+    assert _n_params(small) == _n_params(from_masks) < _n_params(reloaded)
+    torch.testing.assert_close(small.eval()(x), masked_cnn(x), atol=1e-5, rtol=0)
+
+    with pytest.warns(UserWarning, match="holds no pruning masks and no channel that is zero"):
+        dense = compact(DigitsCNN(channels=(16, 16, 32)).eval(), x)
+    assert _n_params(dense) == _n_params(DigitsCNN(channels=(16, 16, 32)))

@@ -16,6 +16,7 @@ from torch.nn.utils import prune
 
 from lightning_shapley.pruning.masking import (
     ChannelMask,
+    bake_masks,
     channel_state,
     load_channel_state,
     make_permanent,
@@ -604,3 +605,24 @@ def test_load_channel_state_refuses_a_state_that_does_not_fit_and_changes_nothin
     with pytest.raises(ValueError, match=r"channels is a torch.float32 tensor"):
         load_channel_state(model, CNN_CONV3, torch.zeros(5), saved)
     assert_state_equal(model, before)
+
+
+def test_a_masked_model_loads_plain_weights_and_takes_their_masks():
+    saved_model = cnn().eval()
+    prune_channels(saved_model, CNN_CONV0, mask(6, 1, 4))
+    prune_channels(saved_model, CNN_CONV3, mask(5, 2))
+    plain = saved_model.state_dict()
+    bake_masks(plain)  # what the callback's checkpoints hold
+    x = torch.randn(4, 1, 8, 8)
+
+    loader = cnn().eval()
+    with torch.no_grad():
+        for p in loader.parameters():
+            p.add_(1.0)  # so that loading is what makes it equal
+    prune_channels(loader, CNN_CONV0, mask(6, 0, 1, 2))  # other masks than the file's
+    loader.load_state_dict(plain)  # strict
+    assert torch.equal(pruned_channels(loader, CNN_CONV0), mask(6, 1, 4))
+    assert torch.equal(loader(x), saved_model(x))
+    assert_masks_are(loader, CNN_CONV0, mask(6, 1, 4))
+    prune_channels(loader, CNN_CONV0, mask(6, 0))  # pruning goes on from the loaded masks
+    assert torch.equal(pruned_channels(loader, CNN_CONV0), mask(6, 0, 1, 4))

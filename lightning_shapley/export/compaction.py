@@ -17,6 +17,7 @@ masks baked in first, and a check that the outputs did not change.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -33,7 +34,10 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
 
     The model is deep-copied first and left exactly as it was. On the copy, each prunable
     unit (``units.find_units``) reads its pruned channels from the masks
-    (``masking.pruned_channels``), every mask is baked in (``masking.make_permanent``), and
+    (``masking.pruned_channels``), or, when the model holds no mask at all (it was loaded
+    from a pruned checkpoint's plain weights), takes the channels that are zero in every
+    coupled parameter (``masking.zero_channels``; a warning says when there are none).
+    Every mask is baked in (``masking.make_permanent``), and
     torch-pruning removes the pruned channels from every coupled layer: producers,
     BatchNorms, consumers and residual partners. The copy keeps the model's train/eval
     flags and ``requires_grad`` flags; it holds no pruning masks.
@@ -78,7 +82,7 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
     training = {name: module.training for name, module in replica.named_modules()}
 
     found = units.find_units(replica, args)
-    pruned = {unit.name: masking.pruned_channels(replica, unit) for unit in found}
+    pruned = _pruned(replica, found, type(model).__name__)
     masking.make_permanent(replica)
     flags = {name: requires_grad[id(p)] for name, p in replica.named_parameters()}
 
@@ -102,6 +106,27 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
     for name, module in replica.named_modules():
         module.train(training[name])
     return replica
+
+
+def _pruned(
+    model: nn.Module, found: list[units.PrunableUnit], model_name: str
+) -> dict[str, Tensor]:
+    """Each unit's pruned channels: its masks', or, with no mask anywhere, its zero channels.
+
+    A model reloaded from a pruned checkpoint holds plain weights with the pruned channels
+    at zero; those are what compacting it removes.
+    """
+    if masking.has_masks(model):
+        return {unit.name: masking.pruned_channels(model, unit) for unit in found}
+    zero = {unit.name: masking.zero_channels(model, unit) for unit in found}
+    if not any(channels.any() for channels in zero.values()):
+        warnings.warn(
+            f"{model_name} holds no pruning masks and no channel that is zero throughout, "
+            "so compact has nothing to remove: was the model pruned (masked, or loaded "
+            "from a pruned checkpoint)?",
+            stacklevel=3,
+        )
+    return zero
 
 
 def _dependency_graph(

@@ -342,6 +342,29 @@ def pruned_channels(model: nn.Module, unit: Unit) -> Tensor:
     return _pruned_from_masks(_coupled_parameters(model, unit), unit.n_channels)
 
 
+def zero_channels(model: nn.Module, unit: Unit) -> Tensor:
+    """Boolean ``[unit.n_channels]``: the channels exactly zero in every coupled parameter.
+
+    What a pruned channel leaves in plain weights (a checkpoint written through
+    :func:`bake_masks`, a model after :func:`make_permanent`); a trained channel is never
+    zero throughout, a BatchNorm's scale included.
+    """
+    zero = torch.ones(unit.n_channels, dtype=torch.bool)
+    for _, module, name, dim in _coupled_parameters(model, unit):
+        tensor = getattr(module, name).detach()
+        zero &= tensor.eq(0).movedim(dim, 0).reshape(unit.n_channels, -1).all(1).cpu()
+    return zero
+
+
+def has_masks(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` carries a ``torch.nn.utils.prune`` method."""
+    return any(
+        isinstance(hook, prune.BasePruningMethod)
+        for module in model.modules()
+        for hook in module._forward_pre_hooks.values()
+    )
+
+
 def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy of a model, masked or not.
 
@@ -357,6 +380,13 @@ def copy_model(model: nn.Module) -> nn.Module:
         if isinstance(value, Tensor) and value.grad_fn is not None
     }
     return copy.deepcopy(model, memo)
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every mask baked in (:func:`make_permanent`); ``model`` stays."""
+    replica = copy_model(model)
+    make_permanent(replica)
+    return replica
 
 
 def make_permanent(model: nn.Module) -> None:
@@ -379,6 +409,9 @@ def make_permanent(model: nn.Module) -> None:
         hooks = module._load_state_dict_post_hooks
         for key in [k for k, hook in hooks.items() if hook is _recompute_pruned]:
             del hooks[key]
+        pre_hooks = module._load_state_dict_pre_hooks
+        for key in [k for k, hook in pre_hooks.items() if hook.hook is _accept_plain_weights]:
+            del pre_hooks[key]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -495,13 +528,50 @@ def _pruned_from_masks(targets: list[_Target], n: int) -> Tensor:
 
 
 def _refresh_after_loading(module: nn.Module) -> None:
-    """Recompute the module's pruned parameters after ``load_state_dict``, not only at forward."""
+    """Lets ``load_state_dict`` take plain weights, and recomputes the pruned parameters after.
+
+    Without the pre-hook a masked module refuses the state dict of a plain checkpoint
+    (``p`` where it has ``p_orig`` and ``p_mask``); without the post-hook its effective
+    weights would be stale until the next forward pass.
+    """
     if not any(h is _recompute_pruned for h in module._load_state_dict_post_hooks.values()):
         module.register_load_state_dict_post_hook(_recompute_pruned)
+        module.register_load_state_dict_pre_hook(_accept_plain_weights)
+
+
+def _accept_plain_weights(
+    module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_args: object
+) -> None:
+    """Turns plain weights in ``state_dict`` into this module's ``p_orig`` and ``p_mask``.
+
+    A checkpoint written through :func:`bake_masks` holds ``p = p_orig * p_mask``, its
+    pruned channels exactly zero; the masks are taken back from those zeros (a channel
+    slice of a ``ChannelMask`` that is all zero, an element for other methods), so the
+    module computes what the checkpoint's model computed, with the checkpoint's masks.
+    """
+    for hook in list(module._forward_pre_hooks.values()):
+        if not isinstance(hook, prune.BasePruningMethod):
+            continue
+        name = prefix + hook._tensor_name
+        if name not in state_dict or f"{name}_orig" in state_dict:
+            continue
+        weights = state_dict.pop(name)
+        state_dict[f"{name}_orig"] = weights
+        if isinstance(hook, ChannelMask):
+            zero = weights.movedim(hook.dim, 0).reshape(len(hook.pruned), -1).eq(0).all(1)
+            keep = (~zero).to(weights.dtype).reshape([-1] + [1] * (weights.ndim - 1))
+            state_dict[f"{name}_mask"] = keep.movedim(0, hook.dim).expand_as(weights).clone()
+        else:
+            state_dict[f"{name}_mask"] = weights.ne(0).to(weights.dtype)
 
 
 def _recompute_pruned(module: nn.Module, _incompatible_keys: object) -> None:
     for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, ChannelMask):
+            # The masks may have been loaded: the record follows them.
+            mask = module._buffers[hook._tensor_name + "_mask"]
+            hook.pruned = mask.detach().eq(0).movedim(hook.dim, 0).reshape(len(hook.pruned), -1)
+            hook.pruned = hook.pruned.all(1).cpu()
         if isinstance(hook, prune.BasePruningMethod):
             hook(module, ())
 

@@ -140,6 +140,7 @@ class _ModuleState:
         }
         self.pre_hooks = dict(module._forward_pre_hooks)
         self.load_hooks = dict(module._load_state_dict_post_hooks)
+        self.load_pre_hooks = dict(module._load_state_dict_pre_hooks)
         # torch.nn.utils.prune keeps each effective weight as a plain tensor attribute.
         self.attributes = {k: v for k, v in vars(module).items() if isinstance(v, Tensor)}
         self.records = [
@@ -165,6 +166,7 @@ class _ModuleState:
         for hooks, saved in (
             (module._forward_pre_hooks, self.pre_hooks),
             (module._load_state_dict_post_hooks, self.load_hooks),
+            (module._load_state_dict_pre_hooks, self.load_pre_hooks),
         ):
             hooks.clear()
             hooks.update(saved)
