@@ -1,8 +1,10 @@
 import re
+from pathlib import Path
 
 import lightning
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.datasets import load_digits
 
 from lightning_shapley.app.data import DigitsDataModule, digits_splits
@@ -159,3 +161,36 @@ def test_trainer_fit_logs_validation_accuracy(tmp_path):
     assert {"train/loss", "val/loss", "val/acc"} <= set(metrics)
     assert 0 <= metrics["val/acc"] <= 1
     assert module.hparams.lr == 1e-2
+
+
+def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    def trainer(max_epochs: int, **options: object) -> lightning.Trainer:
+        return lightning.Trainer(
+            max_epochs=max_epochs,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_train_batches=6,
+            limit_val_batches=0,
+            **options,
+        )
+
+    def module() -> ImageClassifier:
+        torch.manual_seed(0)
+        return ImageClassifier(DigitsCNN(channels=(8, 8, 16)))
+
+    uninterrupted = module()
+    trainer(3, enable_checkpointing=False).fit(uninterrupted, datamodule=DigitsDataModule())
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = module()
+    trainer(2, callbacks=[checkpoint]).fit(first, datamodule=DigitsDataModule())
+    resumed = module()
+    trainer(3, enable_checkpointing=False).fit(
+        resumed, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    for (name, ours), theirs in zip(
+        resumed.state_dict().items(), uninterrupted.state_dict().values(), strict=True
+    ):
+        assert torch.equal(ours, theirs), name

@@ -1,5 +1,6 @@
 """The embedded dataset: scikit-learn's 8x8 handwritten digits, which ships with the package."""
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lightning
@@ -7,7 +8,7 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 NUM_CLASSES = 10
 # Pixel intensities in load_digits are integers 0..16.
@@ -120,9 +121,12 @@ class DigitsDataModule(lightning.LightningDataModule):
             self.splits = digits_splits(seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches, reproducible through ``seed``."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(self._splits().train, shuffle=True, generator=generator)
+        """Shuffled training batches: each epoch's order is fixed by ``seed`` and the epoch.
+
+        So a run resumed from a checkpoint sees the same batches as one never interrupted.
+        """
+        sampler = EpochShuffle(len(self._splits().train), self.seed)
+        return self._loader(self._splits().train, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Batches of the score split, in a fixed order."""
@@ -142,3 +146,38 @@ class DigitsDataModule(lightning.LightningDataModule):
         return DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, **kwargs
         )
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order of ``size`` indices drawn from ``(seed, epoch)`` alone.
+
+    Lightning calls :meth:`set_epoch` before each training epoch; the order does not depend
+    on how many epochs this sampler has served, unlike a generator seeded once.
+
+    Example:
+        >>> sampler = EpochShuffle(5, seed=0)
+        >>> sampler.set_epoch(3)
+        >>> first = list(sampler)
+        >>> again = EpochShuffle(5, seed=0)
+        >>> again.set_epoch(3)
+        >>> list(again) == first, sorted(first)
+        (True, [0, 1, 2, 3, 4])
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order :meth:`__iter__` gives."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(_EPOCH_STRIDE * self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+# Seeds of different (seed, epoch) pairs never meet for fewer epochs than this.
+_EPOCH_STRIDE = 1_000_003
