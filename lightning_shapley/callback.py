@@ -9,6 +9,7 @@ reference in the class docstring; the rest are the hooks and their decisions.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -48,7 +49,13 @@ from lightning_shapley.pruning.schedule import Decision, PruningSchedule, resolv
 from lightning_shapley.pruning.scorers import Scorer, make_scorer
 from lightning_shapley.pruning.units import PrunableUnit, check_layer_names, find_units
 from lightning_shapley.reporting import PruningReporter
-from lightning_shapley.shapley.values import Batch, Evaluation, ValueSetting, resolve_value
+from lightning_shapley.shapley.values import (
+    Batch,
+    Evaluation,
+    ValueSetting,
+    evaluate,
+    resolve_value,
+)
 
 SCORE_SOURCES = ("val", "train")
 
@@ -269,6 +276,12 @@ class ShapleyPruning(Callback):
         self.rounds.check_amount(self.amount)
         for unit in self.units:
             self.scorer.check(unit)
+        measured = evaluate(pl_module, self.scoring_batches, self.value_function).value
+        if not math.isfinite(measured):
+            raise ValueError(
+                f"value={self.value_function.label!r} is {measured} on the scoring batches "
+                "for the model as it is; a value must be a finite number"
+            )
 
     def _scoring_loader(self, trainer: lightning.Trainer) -> Iterable[Any]:
         if self.score_dataloader is not None:

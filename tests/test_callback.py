@@ -820,9 +820,29 @@ def test_a_model_with_no_prunable_unit_is_refused_at_setup(tmp_path: Path) -> No
     assert trainer.global_step == 0
 
 
+class FiniteOnce:
+    """A value that is finite when the callback sets up, then ``bad``."""
+
+    def __init__(self, bad: float) -> None:
+        self.bad, self.calls = bad, 0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        self.calls += 1
+        return 0.0 if self.calls == 1 else self.bad
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_value_that_is_not_finite_is_refused_at_setup(tmp_path: Path, bad: float) -> None:
+    pruning = ShapleyPruning(epochs=[0], value=lambda *_: bad, reporter=False)
+    trainer = make_trainer(tmp_path, 1, [pruning], enable_checkpointing=False)
+    with pytest.raises(ValueError, match=f"value='<lambda>' is {bad} on the scoring batches"):
+        trainer.fit(make_module(), datamodule=DigitsDataModule(batch_size=64))
+    assert trainer.global_step == 0
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_leave_one_out_values_that_are_not_finite_are_refused(tmp_path: Path, bad: float) -> None:
-    pruning = ShapleyPruning(epochs=[0], scorer="loo", value=lambda *_: bad, reporter=False)
+    pruning = ShapleyPruning(epochs=[0], scorer="loo", value=FiniteOnce(bad), reporter=False)
     module = make_module()
     snapshot = ModelSnapshot(FailingValue(RuntimeError(), armed=False), arm_at=99)
     trainer = make_trainer(tmp_path, 1, [snapshot, pruning], enable_checkpointing=False)
@@ -906,6 +926,15 @@ def test_test_on_the_best_checkpoint_after_pruning_scores_the_weights_in_that_fi
     for unit in pruning.units:
         zero = zero_rows(fresh, unit.name)
         assert torch.equal(pruned_channels(module, unit), zero)
+    # validate and predict load the file the same way, and so does a trainer without us.
+    (validated,) = trainer.validate(module, datamodule=data, ckpt_path="best", verbose=False)
+    assert validated["val/acc"] == pytest.approx(float(checkpoint.best_model_score), abs=1e-6)
+    plain = lightning.Trainer(logger=False, enable_progress_bar=False)
+    x = data.test_dataloader().dataset.tensors[0][:16]
+    loader = DataLoader(x, batch_size=16)  # the default predict_step calls the model on a batch
+    (predicted,) = plain.predict(module, loader, ckpt_path=checkpoint.best_model_path)
+    with torch.no_grad():
+        assert torch.equal(predicted, fresh.eval()(x))
 
 
 class TemplateModule(ImageClassifier):
@@ -974,3 +1003,29 @@ def test_best_is_never_a_pruned_epoch_ranked_by_its_dense_score(tmp_path: Path) 
     assert validated["val/acc"] == pytest.approx(float(checkpoint.best_model_score), abs=1e-6)
     assert waits.counts[1] >= 1 and waits.counts[2] >= 2  # pruning epochs do not improve
     assert trainer.callback_metrics["val/acc"] > 0  # the measured values are back after fit
+
+
+def test_checkpoints_saved_at_validation_end_hold_the_weights_they_were_scored_on(
+    tmp_path: Path,
+) -> None:
+    # Saved when validation ends, before the step: every file's score is its own weights'.
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt",
+        monitor="val/acc",
+        mode="max",
+        save_top_k=-1,
+        save_on_train_epoch_end=False,
+    )
+    pruning = ShapleyPruning(amount=0.5, epochs=[1, 2], scorer="l1", reporter=False)
+    trainer = make_trainer(tmp_path, 4, [pruning, checkpoint])
+    data = DigitsDataModule(batch_size=64)
+    trainer.fit(make_module(), datamodule=data)
+
+    assert len(checkpoint.best_k_models) == 4
+    for path, score in checkpoint.best_k_models.items():
+        fresh = make_module(seed=3)
+        fresh.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
+        (validated,) = lightning.Trainer(logger=False, enable_progress_bar=False).validate(
+            fresh, datamodule=data, verbose=False
+        )
+        assert validated["val/acc"] == pytest.approx(float(score), abs=1e-6), Path(path).name

@@ -626,3 +626,15 @@ def test_a_masked_model_loads_plain_weights_and_takes_their_masks():
     assert_masks_are(loader, CNN_CONV0, mask(6, 1, 4))
     prune_channels(loader, CNN_CONV0, mask(6, 0))  # pruning goes on from the loaded masks
     assert torch.equal(pruned_channels(loader, CNN_CONV0), mask(6, 0, 1, 4))
+
+
+def test_a_state_dict_of_other_shapes_loads_nothing_into_a_masked_model():
+    model = cnn().eval()
+    prune_channels(model, CNN_CONV0, mask(6, 1, 4))
+    saved = snapshot(model)
+    wrong = cnn().state_dict()  # plain keys fit, one tensor has another shape
+    wrong["3.weight"] = torch.zeros(7, 6, 3, 3)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"other shapes .*'3.weight'.*nothing was loaded"):
+            model.load_state_dict(wrong, strict=strict)
+        assert_state_equal(model, saved)  # torch alone would have copied the rest

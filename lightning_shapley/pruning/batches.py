@@ -38,6 +38,8 @@ def loader_given_to_fit(trainer: lightning.Trainer, name: str) -> Iterable[Any]:
     Raises:
         ValueError: fit was given neither.
     """
+    # At setup the trainer has built no loader yet, and Lightning offers no public view
+    # of what fit was given; the loops' data sources (Lightning 2.x) are that view.
     sources = {
         "val": trainer.fit_loop.epoch_loop.val_loop._data_source,
         "train": trainer.fit_loop._data_source,

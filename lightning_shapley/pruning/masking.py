@@ -190,6 +190,7 @@ def prune_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
         )
     for _, module, name, dim in targets:
         ChannelMask.apply(module, name, pruned, dim)
+    _load_whole_or_nothing(model)
 
 
 def set_pruned_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
@@ -256,6 +257,7 @@ def set_pruned_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
                 mask.movedim(dim, 0)[revived.to(mask.device)] = 1
             hook.pruned = hook.pruned & ~revived
         ChannelMask.apply(module, name, pruned, dim)
+    _load_whole_or_nothing(model)
 
 
 def channel_state(model: nn.Module, unit: Unit, channels: Tensor) -> dict[str, Tensor]:
@@ -537,6 +539,44 @@ def _refresh_after_loading(module: nn.Module) -> None:
     if not any(h is _recompute_pruned for h in module._load_state_dict_post_hooks.values()):
         module.register_load_state_dict_post_hook(_recompute_pruned)
         module.register_load_state_dict_pre_hook(_accept_plain_weights)
+
+
+def _load_whole_or_nothing(model: nn.Module) -> None:
+    """Makes a strict ``load_state_dict`` of ``model`` refuse a bad state dict up front."""
+    hooks = model._load_state_dict_pre_hooks.values()
+    if not any(getattr(hook, "hook", None) is _check_before_loading for hook in hooks):
+        model.register_load_state_dict_pre_hook(_check_before_loading)
+
+
+def _check_before_loading(
+    model: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_args: object
+) -> None:
+    """Raises before anything is copied if a tensor of ``state_dict`` has another shape.
+
+    ``load_state_dict`` copies every tensor that fits before it reports the ones that do
+    not, leaving a model half one state and half another; a tensor of another shape fails
+    the load strict or not, so it is refused here, before the first copy. (Missing and
+    unexpected keys are the load's to judge: only it knows whether it is strict. A masked
+    parameter takes a plain ``<p>`` as well as ``<p>_orig``: see
+    :func:`_accept_plain_weights`.)
+    """
+    own = model.state_dict()
+    for key in [k for k in own if k.endswith("_orig")]:
+        own.setdefault(key.removesuffix("_orig"), own[key])
+    resized = sorted(
+        key
+        for key, tensor in state_dict.items()
+        if key.startswith(prefix)
+        and isinstance(tensor, Tensor)
+        and key[len(prefix) :] in own
+        and tensor.shape != own[key[len(prefix) :]].shape
+    )
+    if resized:
+        shapes = {key: tuple(state_dict[key].shape) for key in resized[:3]}
+        raise RuntimeError(
+            f"the state dict holds tensors of other shapes than {type(model).__name__}'s "
+            f"({shapes}), so nothing was loaded"
+        )
 
 
 def _accept_plain_weights(
