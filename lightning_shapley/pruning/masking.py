@@ -216,8 +216,8 @@ def set_pruned_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
         ValueError: as :func:`prune_channels` (``pruned`` is not a boolean tensor of that
             shape, it prunes every channel, the unit does not fit the model); or a
             channel to un-prune is masked in a parameter that carries another pruning
-            method as well (``prune.l1_unstructured``, a mask put back by
-            :func:`restore_masks`), whose zeros in that channel cannot be told from ours.
+            method as well (``prune.l1_unstructured``, say), whose zeros in that channel
+            cannot be told from ours.
 
     Example:
         >>> from types import SimpleNamespace
