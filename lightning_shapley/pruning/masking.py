@@ -22,7 +22,7 @@ loads into a fresh model of the same class.
 Which parameters hold a unit's channels, and along which dimension, is the layer-kind
 table's to say (:mod:`~lightning_shapley.layers`).
 
-The module is longer than most (about 550 lines) on purpose: every function here reads
+The module is longer than most (over 600 lines) on purpose: every function here reads
 the same reparametrization internals (``<p>_orig``, ``<p>_mask``, the pruning hooks and
 their ``ChannelMask`` records), and split in two, each half would reach into the other's
 private helpers.
