@@ -314,7 +314,14 @@ class ShapleyPruning(Callback):
         parametrizations, weights, BatchNorm statistics, train flags) and this callback's
         history and schedule are put back exactly as they were, and the exception goes on.
         """
-        own_state = copy.deepcopy(self.state_dict())
+        # A step only appends to the history and replaces the other fields: this is all
+        # that putting them back takes.
+        history_length, dense_metric, unjudged = (
+            len(self.history),
+            self.dense_metric,
+            self._unjudged,
+        )
+        schedule_state = copy.deepcopy(self.schedule.state_dict())
         judge = self._unjudged is not None and not self.rolled_back
         model_state = ModelState(pl_module) if judge else None
         try:
@@ -331,9 +338,9 @@ class ShapleyPruning(Callback):
         except BaseException:
             if model_state is not None:
                 model_state.restore()
-            pending = self._pending_masks
-            self.load_state_dict(own_state)
-            self._pending_masks = pending
+            del self.history[history_length:]
+            self.dense_metric, self._unjudged = dense_metric, unjudged
+            self.schedule.load_state_dict(schedule_state)
             raise
 
     @override

@@ -354,7 +354,7 @@ def zero_channels(model: nn.Module, unit: Unit) -> Tensor:
     zero = torch.ones(unit.n_channels, dtype=torch.bool)
     for _, module, name, dim in _coupled_parameters(model, unit):
         tensor = getattr(module, name).detach()
-        zero &= tensor.eq(0).movedim(dim, 0).reshape(unit.n_channels, -1).all(1).cpu()
+        zero &= _zero_slices(tensor, dim, unit.n_channels)
     return zero
 
 
@@ -524,7 +524,7 @@ def _pruned_from_masks(targets: list[_Target], n: int) -> Tensor:
         mask = module._buffers.get(name + "_mask")
         if mask is None:
             continue
-        zero = mask.detach().eq(0).movedim(dim, 0).reshape(n, -1).all(1).cpu()
+        zero = _zero_slices(mask, dim, n)
         pruned = zero if pruned is None else pruned & zero
     return torch.zeros(n, dtype=torch.bool) if pruned is None else pruned
 
@@ -598,9 +598,9 @@ def _accept_plain_weights(
         weights = state_dict.pop(name)
         state_dict[f"{name}_orig"] = weights
         if isinstance(hook, ChannelMask):
-            zero = weights.movedim(hook.dim, 0).reshape(len(hook.pruned), -1).eq(0).all(1)
-            keep = (~zero).to(weights.dtype).reshape([-1] + [1] * (weights.ndim - 1))
-            state_dict[f"{name}_mask"] = keep.movedim(0, hook.dim).expand_as(weights).clone()
+            zero = _zero_slices(weights, hook.dim, len(hook.pruned))
+            mask = ChannelMask(zero, hook.dim).compute_mask(weights, torch.ones_like(weights))
+            state_dict[f"{name}_mask"] = mask
         else:
             state_dict[f"{name}_mask"] = weights.ne(0).to(weights.dtype)
 
@@ -610,10 +610,14 @@ def _recompute_pruned(module: nn.Module, _incompatible_keys: object) -> None:
         if isinstance(hook, ChannelMask):
             # The masks may have been loaded: the record follows them.
             mask = module._buffers[hook._tensor_name + "_mask"]
-            hook.pruned = mask.detach().eq(0).movedim(hook.dim, 0).reshape(len(hook.pruned), -1)
-            hook.pruned = hook.pruned.all(1).cpu()
+            hook.pruned = _zero_slices(mask, hook.dim, len(hook.pruned))
         if isinstance(hook, prune.BasePruningMethod):
             hook(module, ())
+
+
+def _zero_slices(tensor: Tensor, dim: int, n: int) -> Tensor:
+    """Boolean ``[n]`` on the CPU: which slices of ``tensor`` along ``dim`` are all zero."""
+    return tensor.detach().eq(0).movedim(dim, 0).reshape(n, -1).all(1).cpu()
 
 
 def _describe(value: object) -> str:

@@ -26,6 +26,7 @@ from lightning_shapley.shapley.functional import estimate_channels
 from lightning_shapley.shapley.game import ChannelGame
 from lightning_shapley.shapley.registry import default_method, resolve_estimator
 from lightning_shapley.shapley.values import (
+    LOSS,
     Batch,
     ValueFunction,
     ValueSetting,
@@ -363,7 +364,8 @@ def make_scorer(
     if isinstance(scorer, Scorer):
         if seed != 0:
             given.append(f"seed={seed!r}")
-        if getattr(scorer, "value_function", None) not in (None, value) and value.name != "loss":
+        own = getattr(scorer, "value_function", None)
+        if own is not None and value is not LOSS and value != own:
             given.append(f"value={value.name!r}")
         if given:
             raise ValueError(

@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from lightning_shapley.pruning.batches import to_device
 from lightning_shapley.reporting.curves import CoalitionCurve, coalition_values_by_size
 from lightning_shapley.reporting.figures import (
     accuracy_steps_figure,
@@ -32,7 +33,7 @@ from lightning_shapley.reporting.figures import (
     save_figure,
 )
 from lightning_shapley.reporting.steps import STEP_COLUMNS, step_rows
-from lightning_shapley.shapley.values import Batch, Evaluation, ValueFunction, evaluate
+from lightning_shapley.shapley.values import Evaluation, ValueFunction, evaluate
 
 #: The figures drawn at the end of fit, by file stem.
 FIGURES = ("coalition_values", "ranked_values", "architecture", "accuracy_steps", "model_size")
@@ -102,7 +103,8 @@ class PruningReporter:
         self._dense_parameters = _parameters(pl_module)
         if not self.figures:
             return
-        batches = _on_device(pruning.scoring_batches, pl_module)
+        # The callback keeps its copies of the batches where they came from.
+        batches = to_device(pruning.scoring_batches, pl_module.device)
         self.curves = {
             unit.name: coalition_values_by_size(
                 pl_module,
@@ -398,12 +400,6 @@ def _wandb() -> Any:
     return wandb
 
 
-def _on_device(batches: Sequence[Batch], module: nn.Module) -> list[Batch]:
-    """The batches on the module's device (the callback keeps its copies where they came)."""
-    device = next(module.parameters()).device
-    return [(x.to(device), y.to(device)) for x, y in batches]
-
-
 def _parameters(module: nn.Module) -> int:
     """All parameters; a masked ``weight_orig`` counts whole, as in the dense model."""
     return sum(p.numel() for p in module.parameters())
@@ -411,7 +407,7 @@ def _parameters(module: nn.Module) -> int:
 
 def _evaluate(module: nn.Module, pruning: Any) -> Evaluation:
     """The model as it is now, on the callback's scoring batches, with its value."""
-    batches = _on_device(pruning.scoring_batches, module)
+    batches = to_device(pruning.scoring_batches, next(module.parameters()).device)
     return evaluate(module, batches, pruning.value_function)
 
 
