@@ -35,7 +35,7 @@ from lightning_shapley.export import (
 from lightning_shapley.pruning import distributed, monitors, record
 from lightning_shapley.pruning.batches import (
     BatchTransform,
-    first_two,
+    inputs_and_targets,
     loader_given_to_fit,
     recalibration_inputs,
     scoring_batches,
@@ -53,6 +53,7 @@ from lightning_shapley.reporting import PruningReporter
 from lightning_shapley.shapley.values import (
     Batch,
     Evaluation,
+    OutputTransform,
     ValueSetting,
     evaluate,
     resolve_value,
@@ -125,7 +126,13 @@ class ShapleyPruning(Callback):
         min_channels: channels every unit keeps, whatever the amount.
         ramp: ``"cubic"`` (Zhu & Gupta, 2017) or ``"linear"``.
         batch_transform: turns a batch of the loader into ``(inputs, targets)``; by default
-            its first two items.
+            :func:`~lightning_shapley.pruning.batches.inputs_and_targets` (a mapping's
+            ``labels`` and the rest as keyword arguments, else the first two items). The
+            inputs may be a tensor, a mapping of keyword arguments, a tuple of positional
+            ones or an ``(args, kwargs)`` pair.
+        output_transform: reads the logits out of what the model returns; by default a
+            tensor, ``.logits`` or the first item of a tuple. Classes may be on dim 1 or
+            last; per-token logits (``[B, T, V]`` or ``[B * T, V]``) are scored per token.
         seed: seed of the Shapley sampling and of the random scorer.
         schedule: a :class:`~lightning_shapley.pruning.schedule.PruningSchedule` used instead of
             ``amount``, ``epochs`` and ``ramp`` (leave those at their defaults), e.g.
@@ -172,6 +179,7 @@ class ShapleyPruning(Callback):
         min_channels: int = 1,
         ramp: str = "cubic",
         batch_transform: BatchTransform | None = None,
+        output_transform: OutputTransform | None = None,
         seed: int = 0,
         schedule: PruningSchedule | None = None,
         removal_step: int | float | None = 0.02,
@@ -194,7 +202,7 @@ class ShapleyPruning(Callback):
         check_int("score_batches", score_batches, 1)
         check_int("min_channels", min_channels, 1)
         check_int("recalibrate", recalibrate, 0)
-        value_function = resolve_value(value)
+        value_function = resolve_value(value, output_transform)
         self.scorer = make_scorer(
             scorer,
             value=value_function,
@@ -224,7 +232,7 @@ class ShapleyPruning(Callback):
         self.score_batches = score_batches
         self.score_source = score_source
         self.scope, self.removal_step, self.interleave = scope, removal_step, interleave
-        self.batch_transform = batch_transform or first_two
+        self.batch_transform = batch_transform or inputs_and_targets
         self.recalibrate = recalibrate
         #: What ``export`` wrote when fit ended (on global rank zero).
         self.artifacts: list[Artifact] = []

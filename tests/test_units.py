@@ -333,7 +333,7 @@ def test_a_model_torch_pruning_cannot_trace_raises() -> None:
 def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="model is a str"):
         find_units("DigitsCNN", IMAGES)
-    with pytest.raises(ValueError, match="example_inputs is a ndarray"):
+    with pytest.raises(ValueError, match="example_inputs: the inputs are a ndarray"):
         find_units(DigitsCNN(), IMAGES.numpy())
 
 

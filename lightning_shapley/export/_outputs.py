@@ -9,19 +9,8 @@ the one tolerance below, so a model that passes one check does not fail another 
 from __future__ import annotations
 
 import torch
-import torch_pruning as tp
-from torch import Tensor
 
-
-def output_tensors(out: object) -> list[Tensor]:
-    """The tensors in a forward's result, in order, however it nests them.
-
-    Example:
-        >>> out = {"logits": torch.zeros(2), "extra": (torch.zeros(3), "not a tensor")}
-        >>> [tuple(t.shape) for t in output_tensors(out)]
-        [(2,), (3,)]
-    """
-    return [t for t in tp.utils.flatten_as_list(out) if isinstance(t, Tensor)]
+from lightning_shapley.model_io import output_tensors
 
 
 def mismatch(expected: object, actual: object) -> str | None:

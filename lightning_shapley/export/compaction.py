@@ -25,11 +25,12 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_shapley.export._outputs import mismatch
+from lightning_shapley.model_io import Inputs, call_model, output_tensors
 from lightning_shapley.pruning import masking, units
-from lightning_shapley.pruning.units import checked_example_inputs, traceable_copy
+from lightning_shapley.pruning.units import example_call, traceable_copy
 
 
-def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.Module:
+def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Inputs) -> nn.Module:
     """A new model without the pruned channels, computing the same outputs as ``model``.
 
     The model is deep-copied first and left exactly as it was. On the copy, each prunable
@@ -50,8 +51,10 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
     Args:
         model: a model masked by :mod:`~lightning_shapley.pruning.masking` (a model with
             nothing pruned comes back as an equal copy).
-        example_inputs: a batch the model's forward takes, or a tuple of its positional
-            arguments. Real data makes the output check meaningful; zeros work too.
+        example_inputs: a batch the model's forward takes, a tuple of its positional
+            arguments, a mapping of its keyword arguments or
+            :class:`~lightning_shapley.model_io.ModelInputs`. Real data makes the output
+            check meaningful; zeros work too.
 
     Returns:
         The compacted copy.
@@ -72,7 +75,7 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
         >>> torch.allclose(small(x), net(x), atol=1e-6)
         True
     """
-    args = checked_example_inputs(example_inputs)
+    args = example_call(example_inputs)
     replica = traceable_copy(model)
     # traceable_copy turns requires_grad on for tracing; remember the model's flags by name.
     requires_grad = {
@@ -88,7 +91,7 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
 
     replica.eval()
     with torch.no_grad():
-        expected = replica(*args)
+        expected = call_model(replica, args)
     graph = _dependency_graph(replica, args, type(model).__name__)
     for unit in found:
         idxs = pruned[unit.name].nonzero().flatten().tolist()
@@ -98,7 +101,7 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> nn.M
         pruner = graph.get_pruner_of_module(producer)
         graph.get_pruning_group(producer, pruner.prune_out_channels, idxs=idxs).prune()
     with torch.no_grad():
-        actual = replica(*args)
+        actual = call_model(replica, args)
     _check_outputs(expected, actual, type(model).__name__)
 
     for name, parameter in replica.named_parameters():
@@ -129,11 +132,10 @@ def _pruned(
     return zero
 
 
-def _dependency_graph(
-    model: nn.Module, args: tuple[Tensor, ...], model_name: str
-) -> tp.DependencyGraph:
-    def forward(module: nn.Module, inputs: tuple[Tensor, ...]) -> object:
-        return module(*inputs)  # the tuple as given, not split into samples
+def _dependency_graph(model: nn.Module, args: Inputs, model_name: str) -> tp.DependencyGraph:
+    def forward(module: nn.Module, inputs: Inputs) -> object:
+        # As given, not split into samples; the tensors alone, which torch-pruning can walk.
+        return output_tensors(call_model(module, inputs))
 
     try:
         with torch.enable_grad():

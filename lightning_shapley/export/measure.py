@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_shapley.checks import check_int
-from lightning_shapley.export._outputs import output_tensors
+from lightning_shapley.model_io import output_tensors
 from lightning_shapley.pruning.units import checked_example_inputs
 
 

@@ -1,8 +1,10 @@
 """The data a pruning step runs on: scoring batches and training inputs, from loaders.
 
 A loader's batch is whatever the user's ``LightningModule`` takes; ``batch_transform``
-turns it into ``(inputs, targets)`` (by default its first two items), and a batch it
-cannot turn into a pair of tensors is refused with the index of the batch.
+turns it into ``(inputs, targets)`` (by default :func:`inputs_and_targets`). The inputs
+are what the model's forward is called with: a tensor, or positional and keyword
+arguments (see :func:`~lightning_shapley.model_io.as_model_inputs`). A batch that cannot
+be read so is refused with the index of the batch.
 """
 
 from __future__ import annotations
@@ -15,16 +17,37 @@ import lightning
 import torch
 from torch import Tensor
 
+from lightning_shapley.model_io import Inputs, as_model_inputs
 from lightning_shapley.pruning.distributed import is_sharded, shard
 from lightning_shapley.shapley.values import Batch
 
-BatchTransform = Callable[[Any], Batch]
+#: Turns a loader's batch into ``(inputs, targets)``.
+BatchTransform = Callable[[Any], tuple[Any, Tensor]]
 
 
-def first_two(batch: Any) -> Batch:
-    """The default ``batch_transform``: ``(batch[0], batch[1])``."""
-    inputs, targets = batch[0], batch[1]
-    return inputs, targets
+#: The keys a mapping batch may hold its targets under, in the order they are looked for.
+TARGET_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def inputs_and_targets(batch: Any) -> tuple[Any, Tensor]:
+    """The default ``batch_transform``.
+
+    A mapping (a Hugging Face batch) gives its targets under the first of
+    :data:`TARGET_KEYS` it has, and every other entry as a keyword argument of the
+    model's forward; any other batch gives ``(batch[0], batch[1])``.
+
+    Example:
+        >>> batch = {"input_ids": torch.ones(2, 5), "labels": torch.tensor([0, 1])}
+        >>> inputs, targets = inputs_and_targets(batch)
+        >>> sorted(inputs), targets.tolist()
+        (['input_ids'], [0, 1])
+    """
+    if isinstance(batch, Mapping):
+        key = next((key for key in TARGET_KEYS if key in batch), None)
+        if key is None:
+            raise KeyError(f"the batch is a mapping with no targets under any of {TARGET_KEYS}")
+        return {name: value for name, value in batch.items() if name != key}, batch[key]
+    return batch[0], batch[1]
 
 
 def loader_given_to_fit(trainer: lightning.Trainer, name: str) -> Iterable[Any]:
@@ -74,15 +97,16 @@ def scoring_batches(
     for index, batch in enumerate(islice(loader, count * shards)):
         try:
             inputs, targets = transform(batch)
+            inputs = as_model_inputs(inputs)
         except (TypeError, IndexError, KeyError, ValueError) as error:
             raise ValueError(
                 f"scoring batch {index} (a {type(batch).__name__}) cannot be unpacked into "
                 f"(inputs, targets): {error}; pass batch_transform= to say how"
             ) from error
-        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        if not isinstance(targets, Tensor):
             raise ValueError(
-                f"scoring batch {index} unpacked into ({type(inputs).__name__}, "
-                f"{type(targets).__name__}); inputs and targets must be tensors"
+                f"scoring batch {index} unpacked into targets of type "
+                f"{type(targets).__name__}; targets must be a tensor"
             )
         batches.append((inputs, targets))
     if not batches:
@@ -92,7 +116,7 @@ def scoring_batches(
 
 def recalibration_inputs(
     loader: Iterable[Any] | None, transform: BatchTransform, count: int, device: torch.device
-) -> list[Tensor]:
+) -> list[Inputs]:
     """The inputs of the first ``count`` training batches, on ``device``.
 
     Raises:
@@ -103,7 +127,7 @@ def recalibration_inputs(
             f"recalibrate={count} needs the trainer's training loader, and it has none; "
             "pass recalibrate=0 to keep the BatchNorm statistics as they are"
         )
-    return [transform(batch)[0].to(device) for batch in islice(loader, count)]
+    return [as_model_inputs(transform(batch)[0]).to(device) for batch in islice(loader, count)]
 
 
 def to_device(batches: list[Batch], device: torch.device) -> list[Batch]:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_shapley.layers import kind_of
+from lightning_shapley.model_io import call_model
 
 
 def batchnorms(model: nn.Module) -> list[_BatchNorm]:
@@ -72,7 +73,7 @@ def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[Tensor]) -> int:
             norm.train()
         with torch.no_grad():
             for batch in batches:
-                model(batch.to(device))
+                call_model(model, batch.to(device))
     except BaseException:
         for norm, (mean, var, tracked) in before.items():
             norm.running_mean.copy_(mean)

@@ -16,11 +16,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lightning_shapley.checks import check_int
 from lightning_shapley.layers import Unit, kind_of
+from lightning_shapley.model_io import call_model
 from lightning_shapley.pruning.masking import copy_model, set_pruned_channels
 from lightning_shapley.shapley.functional import estimate_channels
 from lightning_shapley.shapley.game import ChannelGame
@@ -31,6 +31,7 @@ from lightning_shapley.shapley.values import (
     ValueFunction,
     ValueSetting,
     evaluate,
+    negative_loss,
     resolve_value,
     scoring_mode,
 )
@@ -226,9 +227,16 @@ class TaylorScorer(CriterionScorer):
     The activation is the unit's output after its BatchNorm, averaged over the scoring
     batches (Molchanov et al., 2017). Gradients are taken with respect to the activation
     only, so no parameter's ``.grad`` is touched.
+
+    Args:
+        value: reads the logits out of the model's output (its ``output_transform``);
+            the loss is the cross-entropy whatever the value.
     """
 
     name = "taylor"
+
+    def __init__(self, value: ValueFunction = LOSS) -> None:
+        self._read_output = value.logits
 
     def _values(self, model: nn.Module, unit: Unit, batches: Sequence[Batch]) -> Tensor:
         site = model.get_submodule(unit.batchnorms[0] if unit.batchnorms else unit.name)
@@ -240,15 +248,17 @@ class TaylorScorer(CriterionScorer):
             return leaf
 
         total = torch.zeros(unit.n_channels, dtype=torch.float64)
+        axis = kind_of(model.get_submodule(unit.name)).output_axis
         handle = site.register_forward_hook(capture)
         try:
             with scoring_mode(model), torch.enable_grad():
                 for inputs, targets in batches:
                     captured.clear()
-                    loss = F.cross_entropy(model(inputs), targets)
+                    logits = self._read_output(call_model(model, inputs))
+                    loss = -negative_loss(logits.unsqueeze(0), targets)[0]
                     (gradient,) = torch.autograd.grad(loss, captured[0])
                     contribution = (captured[0] * gradient).detach()
-                    dims = [d for d in range(contribution.ndim) if d != 1]
+                    dims = [d for d in range(contribution.ndim) if d != axis % contribution.ndim]
                     total += contribution.abs().sum(dims).double().cpu()
         finally:
             handle.remove()
@@ -383,4 +393,6 @@ def make_scorer(
         return ShapleyScorer(value=value, seed=seed, **settings, **options)
     if scorer == "loo":
         return LeaveOneOutScorer(value)
+    if scorer == "taylor":
+        return TaylorScorer(value)
     return RandomScorer(seed) if scorer == "random" else SCORERS[scorer]()

@@ -52,6 +52,7 @@ from lightning_shapley.layers import (
     kind_of,
     supported_types,
 )
+from lightning_shapley.model_io import Inputs, as_model_inputs, call_model, output_tensors
 from lightning_shapley.pruning.masking import copy_model
 
 # Every layer whose output channels torch-pruning can take as the root of a group: the
@@ -93,7 +94,7 @@ class PrunableUnit:
 
 def find_units(
     model: nn.Module,
-    example_inputs: Tensor | Sequence[Tensor],
+    example_inputs: Tensor | Sequence[Tensor] | Inputs,
     layers: Sequence[str] | None = None,
 ) -> list[PrunableUnit]:
     """The prunable units of ``model``: every Conv/Linear output and what is coupled to it.
@@ -105,8 +106,9 @@ def find_units(
 
     Args:
         model: any ``nn.Module``.
-        example_inputs: a batch the model's forward takes, or a tuple of its positional
-            arguments; only shapes matter.
+        example_inputs: a batch the model's forward takes, a tuple of its positional
+            arguments, a mapping of its keyword arguments or
+            :class:`~lightning_shapley.model_io.ModelInputs`; only shapes matter.
         layers: names of producers; only the units that contain them are returned, in
             this order, each once. ``None`` (the default) returns every unit, in the
             registration order of their first producers.
@@ -161,18 +163,18 @@ class _DependencyGraph:
     """torch-pruning's dependency graph of a deep copy of a model, read as units."""
 
     def __init__(self, model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> None:
-        args = checked_example_inputs(example_inputs)
+        args = example_call(example_inputs)
         self.model = traceable_copy(model)
         self.names = {module: name for name, module in self.model.named_modules()}
         self.order = {name: index for index, name in enumerate(self.names.values())}
         outputs: list[Tensor] = []
 
-        def forward(module: nn.Module, inputs: tuple[Tensor, ...]) -> object:
-            # Called with the tuple as given: torch-pruning's default would also try
+        def forward(module: nn.Module, inputs: Inputs) -> object:
+            # Called with the inputs as given: torch-pruning's default would also try
             # ``model(*batch)``, splitting a batch into samples.
-            out = module(*inputs)
-            outputs.extend(_differentiable_outputs(out))
-            return out
+            differentiable = _differentiable_outputs(call_model(module, inputs))
+            outputs.extend(differentiable)
+            return differentiable  # what torch-pruning can walk, whatever the output is
 
         try:
             with torch.enable_grad():
@@ -260,6 +262,14 @@ class _DependencyGraph:
         return PrunableUnit(producers[0], producers, batchnorms, consumers, n_channels)
 
 
+def example_call(example_inputs: object) -> Inputs:
+    """``example_inputs`` as the arguments of one forward call (see :func:`find_units`)."""
+    try:
+        return as_model_inputs(example_inputs)
+    except ValueError as error:
+        raise ValueError(f"example_inputs: {error}") from error
+
+
 def checked_example_inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     """The forward's positional arguments: a tensor, or a sequence of tensors."""
     if isinstance(example_inputs, Tensor):
@@ -293,7 +303,7 @@ def traceable_copy(model: nn.Module) -> nn.Module:
 
 
 def _differentiable_outputs(out: object) -> list[Tensor]:
-    tensors = [t for t in tp.utils.flatten_as_list(out) if isinstance(t, Tensor)]
+    tensors = output_tensors(out)
     differentiable = [t for t in tensors if t.grad_fn is not None]
     if not differentiable:
         raise ValueError(

@@ -29,6 +29,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, fx, nn
 
+from lightning_shapley.model_io import (
+    Inputs,
+    call_model,
+    logits_of,
+    per_sample,
+    positional_arguments,
+)
+
+ReadOutput = Callable[[object], Tensor]
+
 
 class UnsplittableModelError(RuntimeError):
     """The model cannot be cut at the masked module; :class:`FullForward` still works."""
@@ -86,6 +96,8 @@ def _mask_stacked(output: Tensor, masks: Tensor, channel_dim: int) -> Tensor:
 
 
 def _to_coalition_major(output: Tensor, batch_size: int, k: int) -> Tensor:
+    """Sample-major ``[B * k, ...]`` logits (``[B * k * T, ...]`` per token) as ``[k, B, ...]``."""
+    output = per_sample(output, batch_size * k)
     return output.reshape(batch_size, k, *output.shape[1:]).transpose(0, 1)
 
 
@@ -97,7 +109,8 @@ class FullForward:
         mask_modules: the module whose output channels are masked, or several modules
             whose outputs carry the same channels; each is masked alike.
         channel_dim: the channel dimension of those outputs.
-        inputs: one input tensor per scoring batch.
+        inputs: the inputs of each scoring batch.
+        read_output: finds the logits in the model's output.
     """
 
     name = "full"
@@ -108,9 +121,11 @@ class FullForward:
         model: nn.Module,
         mask_modules: nn.Module | Sequence[nn.Module],
         channel_dim: int,
-        inputs: Sequence[Tensor],
+        inputs: Sequence[Inputs],
+        read_output: ReadOutput = logits_of,
     ) -> None:
         self._model = model
+        self._read_output = read_output
         if isinstance(mask_modules, nn.Module):
             mask_modules = [mask_modules]
         self._mask_modules = list(dict.fromkeys(mask_modules))
@@ -126,7 +141,9 @@ class FullForward:
     def bytes_per_coalition(self) -> int:
         """Activation bytes of one coalition on the largest batch."""
         largest = max(self._inputs, key=len)
-        return activation_bytes(self._model, lambda: self._model(largest))
+        return activation_bytes(
+            self._model, lambda: self._read_output(call_model(self._model, largest))
+        )
 
     def __call__(self, masks: Tensor, batch: int) -> Tensor:
         """Logits ``[k, B, ...]`` of batch ``batch`` under each of the ``k`` channel masks."""
@@ -138,11 +155,11 @@ class FullForward:
 
         handles = [module.register_forward_hook(zero_channels) for module in self._mask_modules]
         try:
-            output = self._model(inputs.repeat_interleave(k, 0))
+            output = call_model(self._model, inputs.repeat_interleave(k, 0))
         finally:
             for handle in handles:
                 handle.remove()
-        return _to_coalition_major(output, len(inputs), k)
+        return _to_coalition_major(self._read_output(output), len(inputs), k)
 
 
 # --------------------------------------------------------------------------- split engine
@@ -276,13 +293,15 @@ class SplitForward:
             names of several modules whose outputs carry the same channels.
         channel_dim: the channel dimension of those outputs.
         n_channels: the number of channels there.
-        inputs: one input tensor per scoring batch.
+        inputs: the inputs of each scoring batch (positional arguments only).
         fold: fold the mask into the next convolution or linear layer where possible;
             :attr:`name` says whether it was (``"split+fold"``) or not (``"split"``).
+        read_output: finds the logits in the model's output.
 
     Raises:
-        UnsplittableModelError: the model cannot be traced, calls a masked module more
-            than once, or passes values across the cut that are not batch-shaped tensors.
+        UnsplittableModelError: the model cannot be traced, takes keyword arguments, calls
+            a masked module more than once, or passes values across the cut that are not
+            batch-shaped tensors.
     """
 
     def __init__(
@@ -291,10 +310,14 @@ class SplitForward:
         mask_names: str | Sequence[str],
         channel_dim: int,
         n_channels: int,
-        inputs: Sequence[Tensor],
+        inputs: Sequence[Inputs],
         fold: bool = True,
+        read_output: ReadOutput = logits_of,
     ) -> None:
         self._n_channels = n_channels
+        self._read_output = read_output
+        if any(positional_arguments(x) is None for x in inputs):
+            raise UnsplittableModelError("the model is called with keyword arguments")
         self._channel_dim = channel_dim
         names = [mask_names] if isinstance(mask_names, str) else list(dict.fromkeys(mask_names))
         try:
@@ -305,8 +328,6 @@ class SplitForward:
         #: Whether the graph reads tensors of the model directly (``get_attr``): its copies
         #: of them go stale when the model's weights change, so it cannot be recached.
         self.reads_attributes = any(node.op == "get_attr" for node in gm.graph.nodes)
-        if sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
-            raise UnsplittableModelError("the model's forward takes more than one input")
         single = len(mask_nodes) == 1
         target = _fold_target(gm, mask_nodes[0]) if fold and single and channel_dim == 1 else None
         head: _FoldedHead | _MultiplyHead | None = None
@@ -329,12 +350,19 @@ class SplitForward:
         split_nodes: list[fx.Node],
         head_inputs: list[fx.Node],
         inside: list[fx.Node],
-        inputs: Sequence[Tensor],
+        inputs: Sequence[Inputs],
     ) -> None:
         """Splits the graph at ``split_nodes`` and caches the upstream values of every batch."""
         self._build(gm, split_nodes, head_inputs, inside)
         self._inputs = list(inputs)
-        self.recache()
+        try:
+            self.recache()
+        except UnsplittableModelError:
+            raise
+        except Exception as error:  # the traced graph is not the model's forward on these
+            raise UnsplittableModelError(
+                f"the split graph failed on the inputs: {error}"
+            ) from error
 
     def recache(self) -> None:
         """Runs the upstream part again on every batch: the model's weights or masks changed."""
@@ -405,12 +433,12 @@ class SplitForward:
                     )
         self._suffix = fx.GraphModule(gm, suffix)
 
-    def _cached(self, inputs: Tensor) -> tuple[list[Tensor], list[object]]:
-        values = self._prefix(inputs)
+    def _cached(self, inputs: Inputs) -> tuple[list[Tensor], list[object]]:
+        values = self._prefix(*positional_arguments(inputs))
         n_heads = len(values) - len(self._repeat)
         head_inputs, boundary = list(values[:n_heads]), list(values[n_heads:])
         for value, repeat in zip(boundary, self._repeat, strict=True):
-            if repeat and not (isinstance(value, Tensor) and value.shape[:1] == inputs.shape[:1]):
+            if repeat and not (isinstance(value, Tensor) and value.shape[:1] == (len(inputs),)):
                 raise UnsplittableModelError(
                     "a value crossing the cut depends on the batch but is not a tensor with "
                     f"the batch as its first dimension: {type(value).__name__}"
@@ -442,7 +470,7 @@ class SplitForward:
             for value, repeat in zip(boundary, self._repeat, strict=True)
         ]
         heads = [self._head(head_input, masks) for head_input in head_inputs]
-        output = self._suffix(*heads, *cached, masks)
+        output = self._read_output(self._suffix(*heads, *cached, masks))
         return _to_coalition_major(output, len(head_inputs[0]), k)
 
 

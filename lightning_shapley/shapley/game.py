@@ -15,13 +15,14 @@ them, as ``masking.prune_channels`` zeroes it in every producer and BatchNorm of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_shapley.checks import check_int, is_int
 from lightning_shapley.layers import NORM_TYPES, Unit, kind_of
+from lightning_shapley.model_io import Inputs, as_model_inputs, call_model
 from lightning_shapley.shapley.allocator import retain_freed_memory
 from lightning_shapley.shapley.engines import (
     CHANNELWISE_MODULES,
@@ -49,12 +50,14 @@ class ChannelGame:
     """The game whose players are the output channels of one layer (or of layers sharing them).
 
     Args:
-        model: any ``nn.Module`` whose forward takes one input tensor and returns logits.
+        model: any ``nn.Module``; it is called on each batch's inputs (see
+            :mod:`~lightning_shapley.model_io`) and its logits read by the value function.
         layer: qualified name of the module whose output channels are the players; or a
             sequence of names of modules whose outputs are one and the same set of
             channels (the producers and BatchNorms of a unit), each zeroed alike.
-        batches: the scoring data, a list of ``(inputs, targets)`` pairs; it is moved to
-            the model's device once.
+        batches: the scoring data, a list of ``(inputs, targets)`` pairs, the inputs a
+            tensor or the arguments of a forward call; it is moved to the model's device
+            once.
         value: ``"loss"`` (negative mean cross-entropy, the default), ``"accuracy"``, a
             torchmetrics ``Metric`` or a callable ``fn(logits, targets) -> float``.
         channel_dim: the channel dimension of the layers' outputs (1 for ``[B, C, ...]``).
@@ -213,7 +216,7 @@ class ChannelGame:
         """Frees the upstream cache until the next :meth:`refresh` (the game keeps its shape)."""
         self._forward.release()
 
-    def _find_mask_points(self, modules: list[nn.Module], channel_dim: int, inputs: Tensor) -> None:
+    def _find_mask_points(self, modules: list[nn.Module], channel_dim: int, inputs: Inputs) -> None:
         """Sets ``channel_dim``, ``n_channels`` and ``mask_module_names`` from probe passes."""
         dims, sizes, points = {}, {}, []
         for name, module in zip(self.layers, modules, strict=True):
@@ -222,7 +225,9 @@ class ChannelGame:
             sizes[name] = shape[dims[name]]
             if follower is not None and (dims[name] != 1 or follower.num_features != sizes[name]):
                 follower = None
-            if follower is None or _leaks_past(self.model, module, follower, inputs):
+            if follower is None or _leaks_past(
+                self.model, module, follower, inputs, self.value_function.logits
+            ):
                 points.append(name)
             if follower is not None:
                 points.append(_name_of(self.model, follower))
@@ -250,7 +255,7 @@ class ChannelGame:
             )
         return self.mask_module_names[0]
 
-    def _make_engine(self, engine: str, inputs: list[Tensor]) -> SplitForward | FullForward:
+    def _make_engine(self, engine: str, inputs: list[Inputs]) -> SplitForward | FullForward:
         if engine != "full":
             try:
                 split = SplitForward(
@@ -260,6 +265,7 @@ class ChannelGame:
                     self.n_channels,
                     inputs,
                     fold=engine != "split",
+                    read_output=self.value_function.logits,
                 )
             except UnsplittableModelError:
                 if engine != "auto":
@@ -269,7 +275,9 @@ class ChannelGame:
                     raise UnsplittableModelError(f"engine='split+fold': {self._why_not_folded()}")
                 return split
         mask_modules = [self.model.get_submodule(name) for name in self.mask_module_names]
-        return FullForward(self.model, mask_modules, self.channel_dim, inputs)
+        return FullForward(
+            self.model, mask_modules, self.channel_dim, inputs, self.value_function.logits
+        )
 
     def _why_not_folded(self) -> str:
         if len(self.mask_module_names) > 1:
@@ -334,26 +342,27 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 def _checked_batches(
     batches: Sequence[Batch], device: torch.device
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> tuple[list[Inputs], list[Tensor]]:
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty; give at least one (inputs, targets) batch to score on")
     inputs, targets = [], []
     for index, batch in enumerate(batches):
-        if not (
-            isinstance(batch, list | tuple) and len(batch) == 2 and isinstance(batch[0], Tensor)
-        ):
+        if not (isinstance(batch, list | tuple) and len(batch) == 2):
             raise ValueError(
                 f"batches[{index}] is a {type(batch).__name__}; each batch must be an "
-                "(inputs, targets) pair whose inputs are a Tensor"
+                "(inputs, targets) pair"
             )
-        inputs.append(batch[0].to(device))
+        try:
+            inputs.append(as_model_inputs(batch[0]).to(device))
+        except ValueError as error:
+            raise ValueError(f"batches[{index}]: {error}") from error
         targets.append(torch.as_tensor(batch[1]).to(device))
     return inputs, targets
 
 
 def _probe(
-    model: nn.Module, module: nn.Module, inputs: Tensor
+    model: nn.Module, module: nn.Module, inputs: Inputs
 ) -> tuple[torch.Size, nn.Module | None]:
     """The layer's output shape, and the BatchNorm that follows it, if any.
 
@@ -385,7 +394,7 @@ def _probe(
             if isinstance(m, (*NORM_TYPES, *CHANNELWISE_MODULES))
         ]
     try:
-        model(inputs)
+        call_model(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -403,7 +412,13 @@ def _probe(
     return output.shape, seen.get("follower")
 
 
-def _leaks_past(model: nn.Module, module: nn.Module, follower: nn.Module, inputs: Tensor) -> bool:
+def _leaks_past(
+    model: nn.Module,
+    module: nn.Module,
+    follower: nn.Module,
+    inputs: Inputs,
+    read_output: Callable[[object], Tensor],
+) -> bool:
     """Whether ``module``'s output reaches the model's output other than through ``follower``.
 
     Masking after the BatchNorm that follows a layer is pruning the channel only when that
@@ -420,7 +435,7 @@ def _leaks_past(model: nn.Module, module: nn.Module, follower: nn.Module, inputs
     for sites in ((follower,), (module, follower)):
         handles = [site.register_forward_hook(zero) for site in sites]
         try:
-            outputs.append(model(inputs))
+            outputs.append(read_output(call_model(model, inputs)))
         finally:
             for handle in handles:
                 handle.remove()

@@ -13,28 +13,50 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-Batch = tuple[Tensor, Tensor]
+from lightning_shapley.model_io import IGNORE_INDEX, Inputs, align_targets, call_model, logits_of
+
+#: A scoring batch: the model's inputs (a tensor, or the arguments of a forward call) and
+#: the targets.
+Batch = tuple[Inputs, Tensor]
+OutputTransform = Callable[[Any], Tensor]
 ValueSetting = str | Metric | Callable[[Tensor, Tensor], float | Tensor]
 
 
 def negative_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Negative mean cross-entropy of each coalition's logits (class dimension 1 of a sample)."""
+    """Negative mean cross-entropy of each coalition's logits over the scored positions.
+
+    Classes may be on a sample's dim 1 or last (see ``model_io.align_targets``); targets
+    equal to ``-100`` are padding and not scored.
+    """
+    logits, targets = align_targets(logits, targets)
     k = logits.shape[0]
     flat_targets = targets.expand(k, *targets.shape).flatten(0, 1)
     losses = F.cross_entropy(logits.flatten(0, 1).float(), flat_targets, reduction="none")
-    return -losses.reshape(k, -1).mean(1)
+    scored = _scored(targets)
+    return -(losses.reshape(k, -1) * scored).sum(1) / scored.sum().clamp_min(1)
 
 
 def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Fraction of samples whose highest logit is the target class (dimension 1 of a sample)."""
-    return (logits.argmax(2) == targets).flatten(1).float().mean(1)
+    """Fraction of scored positions whose highest logit is the target class."""
+    logits, targets = align_targets(logits, targets)
+    scored = _scored(targets)
+    hits = (logits.argmax(2) == targets).flatten(1).float() * scored
+    return hits.sum(1) / scored.sum().clamp_min(1)
+
+
+def _scored(targets: Tensor) -> Tensor:
+    """``1.0`` for every target position that is scored, ``0.0`` for padding, flattened."""
+    if targets.is_floating_point():
+        return torch.ones(targets.numel() // targets.shape[-1], device=targets.device)
+    return (targets != IGNORE_INDEX).flatten().float()
 
 
 @dataclass(frozen=True)
@@ -50,10 +72,16 @@ class ValueFunction:
     name: str
     fn: Callable[[Tensor, Tensor], Tensor]
     label: str
+    output_transform: Callable[[Any], Tensor] | None = None
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The ``[k]`` values of ``k`` coalitions' logits."""
         return self.fn(logits, targets)
+
+    def logits(self, output: object) -> Tensor:
+        """The logits in one model output (``output_transform``, then ``logits_of``)."""
+        transform = self.output_transform
+        return logits_of(output if transform is None else transform(output))
 
 
 class _MetricValue:
@@ -64,6 +92,7 @@ class _MetricValue:
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         self._metric.to(logits.device)
+        logits, targets = align_targets(logits, targets)
         results = []
         for coalition_logits in logits:
             self._metric.reset()
@@ -96,7 +125,9 @@ ACCURACY = ValueFunction("accuracy", accuracy, "accuracy (fraction)")
 VALUES = {value.name: value for value in (LOSS, ACCURACY)}
 
 
-def resolve_value(value: ValueSetting | ValueFunction) -> ValueFunction:
+def resolve_value(
+    value: ValueSetting | ValueFunction, output_transform: OutputTransform | None = None
+) -> ValueFunction:
     """The coalition value function for a setting; a resolved one is returned as it is.
 
     Args:
@@ -104,12 +135,26 @@ def resolve_value(value: ValueSetting | ValueFunction) -> ValueFunction:
             ``Metric`` (higher must be better), a callable ``fn(logits, targets)``
             returning a float for one coalition's logits ``[N, ...]``, or a
             :class:`ValueFunction` resolved before.
+        output_transform: reads the logits out of the model's output, when
+            :func:`~lightning_shapley.model_io.logits_of` cannot find them.
 
     Example:
         >>> fn = resolve_value("accuracy")
         >>> fn(torch.tensor([[[2.0, 0.0], [0.0, 1.0]]]), torch.tensor([0, 0]))
         tensor([0.5000])
     """
+    resolved = _resolve(value)
+    if output_transform is None:
+        return resolved
+    if not callable(output_transform):
+        raise ValueError(
+            f"output_transform={output_transform!r} is not allowed; give a callable that "
+            "returns the logits tensor of a model output"
+        )
+    return replace(resolved, output_transform=output_transform)
+
+
+def _resolve(value: ValueSetting | ValueFunction) -> ValueFunction:
     if isinstance(value, ValueFunction):
         return value
     allowed = f"use one of {tuple(VALUES)}, a torchmetrics Metric, or a callable(logits, targets)"
@@ -160,8 +205,9 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], value: ValueFunction) -
         True
     """
     with scoring_mode(model):
-        logits = torch.cat([model(x) for x, _ in batches]).unsqueeze(0)
+        outputs = [value.logits(call_model(model, x)) for x, _ in batches]
     targets = torch.cat([y for _, y in batches])
+    logits = torch.cat(outputs).unsqueeze(0)
     loss = -float(negative_loss(logits, targets)[0])
-    measured = -loss if value is LOSS else float(value(logits, targets)[0])
+    measured = -loss if value.name == "loss" else float(value(logits, targets)[0])
     return Evaluation(measured, float(accuracy(logits, targets)[0]), loss)
