@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch_pruning as tp
 from torch import nn
 
 #: The roles a layer plays in a unit.
@@ -104,7 +105,7 @@ def _without_affine(module: nn.Module) -> str | None:
         return None
     return (
         f"a {type(module).__name__} with affine=False: with no weight and bias to mask, its "
-        "shift -running_mean/sqrt(running_var) would leak through a pruned channel"
+        "shift would leak through a pruned channel"
     )
 
 
@@ -129,6 +130,33 @@ LINEAR = LayerKind(
     in_attribute="in_features",
     shape_attributes=("in_features", "out_features"),
 )
+
+
+class _WholeGroupsPruner(tp.pruner.function.GroupNormPruner):
+    """torch-pruning's GroupNorm pruner, which also lowers ``num_groups`` by the groups removed.
+
+    Units prune a GroupNorm's channels a whole group at a time; torch-pruning's own
+    pruner keeps ``num_groups``, which would merge the surviving channels into other
+    groups and change their statistics.
+    """
+
+    def prune_out_channels(self, layer: nn.GroupNorm, idxs: list[int]) -> nn.Module:
+        group_size = layer.num_channels // layer.num_groups
+        removed = sorted(set(idxs))
+        whole = [
+            range(g * group_size, (g + 1) * group_size) for g in {i // group_size for i in removed}
+        ]
+        if sorted(i for group in whole for i in group) != removed:
+            raise ValueError(
+                f"a GroupNorm of {layer.num_groups} groups loses channels {removed}, which "
+                "are not whole groups"
+            )
+        layer.num_groups -= len(whole)
+        return super().prune_out_channels(layer, idxs)
+
+    prune_in_channels = prune_out_channels
+
+
 BATCHNORM = LayerKind(
     name="batchnorm",
     types=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
@@ -141,8 +169,19 @@ BATCHNORM = LayerKind(
     problem=_without_affine,
 )
 
+GROUPNORM = LayerKind(
+    name="groupnorm",
+    types=(nn.GroupNorm,),
+    role=NORM,
+    parameters=(("weight", 0), ("bias", 0)),
+    output_axis=1,
+    out_attribute="num_channels",
+    shape_attributes=("num_groups", "num_channels"),
+    tp_pruner=_WholeGroupsPruner(),
+)
+
 #: Every layer kind a unit can hold, in the order they are matched.
-LAYER_KINDS: tuple[LayerKind, ...] = (CONVOLUTION, LINEAR, BATCHNORM)
+LAYER_KINDS: tuple[LayerKind, ...] = (CONVOLUTION, LINEAR, BATCHNORM, GROUPNORM)
 #: The module classes of the normalization kinds.
 NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
     t for kind in LAYER_KINDS if kind.role == NORM for t in kind.types

@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_shapley.layers import (
     BATCHNORM,
+    GROUPNORM,
     CONVOLUTION,
     LAYER_KINDS,
     LINEAR,
@@ -126,6 +127,7 @@ def test_every_layer_kind_names_its_channel_parameters_and_axes():
         CONVOLUTION: nn.Conv1d(3, 4, 3),
         LINEAR: nn.Linear(3, 4),
         BATCHNORM: nn.BatchNorm2d(4),
+        GROUPNORM: nn.GroupNorm(2, 4),
     }
     assert set(examples) == set(LAYER_KINDS)
     for kind, module in examples.items():
@@ -134,4 +136,4 @@ def test_every_layer_kind_names_its_channel_parameters_and_axes():
             assert getattr(module, name).shape[dim] == getattr(module, kind.out_attribute)
     assert kind_of(nn.Conv2d(4, 8, 3, groups=2)).problem(nn.Conv2d(4, 8, 3, groups=2))
     assert is_depthwise(nn.Conv2d(4, 4, 3, groups=4))
-    assert kind_of(nn.GroupNorm(2, 4)) is None
+    assert kind_of(nn.LayerNorm(4)) is None

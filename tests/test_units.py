@@ -251,12 +251,24 @@ def test_producers_joined_through_a_concatenation_are_skipped() -> None:
 
 def test_unsupported_coupled_layers_are_skipped() -> None:
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6),
-        nn.Flatten(), nn.Linear(6 * 16, 10),
+        nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
+        nn.Linear(6, 10),
     )  # fmt: skip
-    with pytest.warns(UserWarning, match=r"'0': coupled to '1' \(GroupNorm\)"):
+    with pytest.warns(UserWarning, match=r"'1': coupled to '2' \(LayerNorm\)"):
         units = find_units(model, IMAGES)
-    assert units == [PrunableUnit("2", ("2",), ("3",), ("5",), 6)]
+    assert units == [PrunableUnit("4", ("4",), (), ("6",), 6)]
+
+
+def test_a_groupnorm_unit_has_one_channel_per_group() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.GroupNorm(3, 6), nn.ReLU(), nn.Conv2d(6, 4, 3),
+        nn.GroupNorm(4, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 10),
+    )  # fmt: skip
+    units = find_units(model, IMAGES)
+    assert units == [
+        PrunableUnit("0", ("0",), ("1",), ("3",), 3),
+        PrunableUnit("3", ("3",), ("4",), ("7",), 4),
+    ]
 
 
 # --------------------------------------------------------------------------- the output

@@ -25,6 +25,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_shapley.export._outputs import mismatch
+from lightning_shapley.layers import customized_pruners
 from lightning_shapley.model_io import Inputs, call_model, output_tensors
 from lightning_shapley.pruning import masking, units
 from lightning_shapley.pruning.units import example_call, traceable_copy
@@ -94,12 +95,15 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Inputs
         expected = call_model(replica, args)
     graph = _dependency_graph(replica, args, type(model).__name__)
     for unit in found:
-        idxs = pruned[unit.name].nonzero().flatten().tolist()
-        if not idxs:
+        channels = pruned[unit.name]
+        if not channels.any():
             continue
         producer = replica.get_submodule(unit.producers[0])
         pruner = graph.get_pruner_of_module(producer)
+        width = pruner.get_out_channels(producer) // unit.n_channels
+        idxs = channels.repeat_interleave(width).nonzero().flatten().tolist()
         graph.get_pruning_group(producer, pruner.prune_out_channels, idxs=idxs).prune()
+        _count_heads(replica, unit, int(channels.sum()))
     with torch.no_grad():
         actual = call_model(replica, args)
     _check_outputs(expected, actual, type(model).__name__)
@@ -140,13 +144,35 @@ def _dependency_graph(model: nn.Module, args: Inputs, model_name: str) -> tp.Dep
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
-                model, args, forward_fn=forward, verbose=False
+                model,
+                args,
+                forward_fn=forward,
+                customized_pruners=customized_pruners(),
+                verbose=False,
             )
     except Exception as error:
         raise ValueError(
             f"torch-pruning could not trace {model_name} on example_inputs, so its pruned "
             f"channels cannot be removed ({type(error).__name__}: {error})"
         ) from error
+
+
+def _count_heads(model: nn.Module, unit: units.PrunableUnit, removed: int) -> None:
+    """Lowers the head count of an attention unit's module by the heads removed.
+
+    The forward of most attention modules reads the count (to split the projections into
+    heads), and a checkpoint's config should say how many heads are left.
+    """
+    if units.attention_heads(model, unit.name) is None:
+        return
+    attention = model.get_submodule(unit.name.rpartition(".")[0])
+    for attribute in units.HEAD_COUNT_ATTRIBUTES:
+        heads = getattr(attention, attribute, None)
+        if isinstance(heads, int):
+            setattr(attention, attribute, heads - removed)
+    size = getattr(attention, "all_head_size", None)
+    if isinstance(size, int):  # Hugging Face's width of all heads together
+        attention.all_head_size = size // unit.n_channels * (unit.n_channels - removed)
 
 
 def _check_outputs(expected: object, actual: object, model_name: str) -> None:

@@ -40,8 +40,8 @@ from torch.nn.utils import prune
 from lightning_shapley.checks import is_int
 from lightning_shapley.layers import NORM, PRODUCER, Unit, kind_of
 
-# (module name, module, parameter name, channel dimension of that parameter)
-_Target = tuple[str, nn.Module, str, int]
+# (module name, module, parameter name, channel dimension, entries per channel along it)
+_Target = tuple[str, nn.Module, str, int, int]
 
 
 class ChannelMask(prune.BasePruningMethod):
@@ -188,8 +188,8 @@ def prune_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
             f"{int(before.sum())} pruned already, would prune all its {n} channels; "
             "a unit must keep at least one channel"
         )
-    for _, module, name, dim in targets:
-        ChannelMask.apply(module, name, pruned, dim)
+    for _, module, name, dim, width in targets:
+        ChannelMask.apply(module, name, pruned.repeat_interleave(width), dim)
     _load_whole_or_nothing(model)
 
 
@@ -239,7 +239,7 @@ def set_pruned_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
         )
     revived = _pruned_from_masks(targets, unit.n_channels) & ~pruned
     if revived.any():
-        for module_name, module, name, dim in targets:
+        for module_name, module, name, dim, _ in targets:
             hook = _pruning_hook(module, name)[1]
             ndim = _maskable(module, name).ndim
             if hook is not None and not (isinstance(hook, ChannelMask) and hook.dim % ndim == dim):
@@ -249,14 +249,15 @@ def set_pruned_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
                     "not a ChannelMask alone, and its zeros there cannot be told from ours; "
                     "call make_permanent first, or prune that parameter with ChannelMask only"
                 )
-    for _, module, name, dim in targets:
+    for _, module, name, dim, width in targets:
         hook = _pruning_hook(module, name)[1]
+        revived_entries = revived.repeat_interleave(width)
         if revived.any() and hook is not None:  # a ChannelMask alone, checked above
             mask = module._buffers[name + "_mask"]
             with torch.no_grad():
-                mask.movedim(dim, 0)[revived.to(mask.device)] = 1
-            hook.pruned = hook.pruned & ~revived
-        ChannelMask.apply(module, name, pruned, dim)
+                mask.movedim(dim, 0)[revived_entries.to(mask.device)] = 1
+            hook.pruned = hook.pruned & ~revived_entries
+        ChannelMask.apply(module, name, pruned.repeat_interleave(width), dim)
     _load_whole_or_nothing(model)
 
 
@@ -283,7 +284,7 @@ def channel_state(model: nn.Module, unit: Unit, channels: Tensor) -> dict[str, T
     channels = _channel_flags(unit, channels, "channels")
     state = {}
     for key, tensor, dim in tensors:
-        index = channels.nonzero().flatten().to(tensor.device)
+        index = _entries(channels, tensor.shape[dim]).nonzero().flatten().to(tensor.device)
         state[key] = tensor.detach().movedim(dim, 0)[index].cpu().clone()
     return state
 
@@ -316,8 +317,10 @@ def load_channel_state(
             f"state holds {sorted(state)}, but unit {unit.name!r} has the tensors "
             f"{sorted(expected)}; pass what channel_state returned for this unit"
         )
-    index = channels.nonzero().flatten()
-    for key, tensor, dim in tensors:
+    indices = [
+        _entries(channels, tensor.shape[dim]).nonzero().flatten() for _, tensor, dim in tensors
+    ]
+    for (key, tensor, dim), index in zip(tensors, indices, strict=True):
         shape = (len(index), *tensor.movedim(dim, 0).shape[1:])
         if tuple(state[key].shape) != shape:
             raise ValueError(
@@ -325,7 +328,7 @@ def load_channel_state(
                 f"channels of it have shape {shape}; pass the channels given to channel_state"
             )
     with torch.no_grad():
-        for key, tensor, dim in tensors:
+        for (key, tensor, dim), index in zip(tensors, indices, strict=True):
             tensor.movedim(dim, 0)[index.to(tensor.device)] = state[key].to(tensor)
     for module_name in dict.fromkeys(key.rpartition(".")[0] for key in expected):
         _recompute_pruned(model.get_submodule(module_name), None)
@@ -352,7 +355,7 @@ def zero_channels(model: nn.Module, unit: Unit) -> Tensor:
     zero throughout, a BatchNorm's scale included.
     """
     zero = torch.ones(unit.n_channels, dtype=torch.bool)
-    for _, module, name, dim in _coupled_parameters(model, unit):
+    for _, module, name, dim, _ in _coupled_parameters(model, unit):
         tensor = getattr(module, name).detach()
         zero &= _zero_slices(tensor, dim, unit.n_channels)
     return zero
@@ -438,13 +441,14 @@ def _coupled_parameters(model: nn.Module, unit: Unit) -> list[_Target]:
                 )
             for name, dim in _channel_parameters(unit.name, module_name, module, role):
                 size = _maskable(module, name).shape[dim]
-                if size != n:
+                if size % n:
                     raise ValueError(
                         f"the {role} {module_name!r} of unit {unit.name!r} has {size} "
                         f"channels ({name} dim {dim}), but the unit has n_channels={n}; "
-                        "they must match"
+                        "they must match, or be a multiple of it (each channel of the unit "
+                        "a block of consecutive entries: a group, an attention head)"
                     )
-                targets.append((module_name, module, name, dim))
+                targets.append((module_name, module, name, dim, size // n))
     return targets
 
 
@@ -452,7 +456,7 @@ def _channel_tensors(model: nn.Module, unit: Unit) -> list[tuple[str, Tensor, in
     """Every tensor that holds the unit's channels: ``(key, tensor, channel dim)``."""
     tensors = [
         (f"{module_name}.{name}", _maskable(module, name), dim)
-        for module_name, module, name, dim in _coupled_parameters(model, unit)
+        for module_name, module, name, dim, _ in _coupled_parameters(model, unit)
     ]
     for module_name in unit.batchnorms:
         module = model.get_submodule(module_name)
@@ -520,7 +524,7 @@ def _pruning_hook(
 
 def _pruned_from_masks(targets: list[_Target], n: int) -> Tensor:
     pruned = None
-    for _, module, name, dim in targets:
+    for _, module, name, dim, _ in targets:
         mask = module._buffers.get(name + "_mask")
         if mask is None:
             continue
@@ -613,6 +617,15 @@ def _recompute_pruned(module: nn.Module, _incompatible_keys: object) -> None:
             hook.pruned = _zero_slices(mask, hook.dim, len(hook.pruned))
         if isinstance(hook, prune.BasePruningMethod):
             hook(module, ())
+
+
+def _entries(channels: Tensor, size: int) -> Tensor:
+    """Per-channel flags spread over the ``size`` entries of a tensor's channel dimension.
+
+    A unit's channel may be a block of consecutive entries (a group of a GroupNorm, an
+    attention head): each flag is repeated over its block.
+    """
+    return channels.repeat_interleave(size // len(channels))
 
 
 def _zero_slices(tensor: Tensor, dim: int, n: int) -> Tensor:

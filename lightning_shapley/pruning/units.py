@@ -144,6 +144,20 @@ def find_units(
     return _select(units, rejected, list(layers), type(model).__name__)
 
 
+#: Attributes in which an attention module counts its heads (Hugging Face, timm, PyTorch).
+HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_head", "n_heads")
+
+
+def attention_heads(model: nn.Module, layer: str) -> int | None:
+    """The head count of the module holding ``layer``, when it is an attention module."""
+    parent = model.get_submodule(layer.rpartition(".")[0])
+    for attribute in HEAD_COUNT_ATTRIBUTES:
+        heads = getattr(parent, attribute, None)
+        if isinstance(heads, int) and heads > 1:
+            return heads
+    return None
+
+
 def check_layer_names(layers: object) -> None:
     """Raises a ``ValueError`` unless ``layers`` is ``None`` or a sequence of module names.
 
@@ -259,7 +273,28 @@ class _DependencyGraph:
             tuple(sorted(roles[role], key=self.order.__getitem__))
             for role in (PRODUCER, NORM, _CONSUMER)
         )
-        return PrunableUnit(producers[0], producers, batchnorms, consumers, n_channels)
+        width = self._channel_width(producers, batchnorms, n_channels)
+        return PrunableUnit(producers[0], producers, batchnorms, consumers, n_channels // width)
+
+    def _channel_width(
+        self, producers: tuple[str, ...], norms: tuple[str, ...], n_features: int
+    ) -> int:
+        """How many consecutive features one channel of the unit spans.
+
+        A GroupNorm's group is one channel (its statistics are per group, so only whole
+        groups can go), and so is an attention head: the producers' parent module counts
+        its heads in one of :data:`HEAD_COUNT_ATTRIBUTES`, each head a block of
+        consecutive features of the query, key and value projections.
+        """
+        for name in norms:
+            module = self.model.get_submodule(name)
+            if isinstance(module, nn.GroupNorm):
+                return n_features // module.num_groups
+        for name in producers:
+            heads = attention_heads(self.model, name)
+            if heads is not None and n_features % heads == 0:
+                return n_features // heads
+        return 1
 
 
 def example_call(example_inputs: object) -> Inputs:

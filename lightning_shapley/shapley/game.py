@@ -61,6 +61,9 @@ class ChannelGame:
         value: ``"loss"`` (negative mean cross-entropy, the default), ``"accuracy"``, a
             torchmetrics ``Metric`` or a callable ``fn(logits, targets) -> float``.
         channel_dim: the channel dimension of the layers' outputs (1 for ``[B, C, ...]``).
+        channels: the number of channels when each is a block of consecutive features of
+            the layers' outputs (a GroupNorm's groups, attention heads); ``None`` (the
+            default) makes every feature a channel.
         pruned: channels that are already pruned and stay out of every coalition, as a
             boolean ``[C]`` tensor; channels whose ``weight_mask`` (``torch.nn.utils.prune``)
             rows are all zero in every layer that has such a mask are added to it.
@@ -100,6 +103,7 @@ class ChannelGame:
         *,
         value: ValueSetting | ValueFunction = "loss",
         channel_dim: int = 1,
+        channels: int | None = None,
         pruned: Tensor | None = None,
         engine: str = "auto",
         memory_budget: int | None = None,
@@ -116,6 +120,7 @@ class ChannelGame:
             raise ValueError(f"engine={engine!r} is not known; use one of {ENGINES}")
         check_int("memory_budget", memory_budget, 1, optional=True)
         check_int("coalitions_per_forward", coalitions_per_forward, 1, optional=True)
+        check_int("channels", channels, 1, optional=True)
         self.device = next(model.parameters(), torch.empty(0)).device
         if self.device.type == "cpu":
             retain_freed_memory()
@@ -130,7 +135,7 @@ class ChannelGame:
         self._modules = modules
         self._engine_setting = engine
         with scoring_mode(model):
-            self._find_mask_points(modules, channel_dim, self._inputs[0])
+            self._find_mask_points(modules, channel_dim, self._inputs[0], channels)
             self._forward = self._make_engine(engine, self._inputs)
             per_coalition = self._forward.bytes_per_coalition()
         self.players = _players(modules, self.n_channels, pruned)
@@ -191,6 +196,7 @@ class ChannelGame:
             batches,
             value=value,
             channel_dim=axes.pop(),
+            channels=unit.n_channels,
             pruned=pruned,
             engine=engine,
             memory_budget=memory_budget,
@@ -216,14 +222,17 @@ class ChannelGame:
         """Frees the upstream cache until the next :meth:`refresh` (the game keeps its shape)."""
         self._forward.release()
 
-    def _find_mask_points(self, modules: list[nn.Module], channel_dim: int, inputs: Inputs) -> None:
-        """Sets ``channel_dim``, ``n_channels`` and ``mask_module_names`` from probe passes."""
+    def _find_mask_points(
+        self, modules: list[nn.Module], channel_dim: int, inputs: Inputs, channels: int | None
+    ) -> None:
+        """Sets ``channel_dim``, ``n_channels``, ``n_features`` and ``mask_module_names``."""
         dims, sizes, points = {}, {}, []
         for name, module in zip(self.layers, modules, strict=True):
             shape, follower = _probe(self.model, module, inputs)
             dims[name] = _checked_channel_dim(channel_dim, shape, name)
             sizes[name] = shape[dims[name]]
-            if follower is not None and (dims[name] != 1 or follower.num_features != sizes[name]):
+            follower_size = follower and getattr(follower, kind_of(follower).out_attribute)
+            if follower is not None and (dims[name] != 1 or follower_size != sizes[name]):
                 follower = None
             if follower is None or _leaks_past(
                 self.model, module, follower, inputs, self.value_function.logits
@@ -242,7 +251,14 @@ class ChannelGame:
                 f"({dims}); give it counted from the front (1 for [batch, channels, ...])"
             )
         self.channel_dim = dims[self.layers[0]]
-        self.n_channels = sizes[self.layers[0]]
+        #: The features at the channel axis of the layers' outputs.
+        self.n_features = sizes[self.layers[0]]
+        if channels is not None and self.n_features % channels:
+            raise ValueError(
+                f"channels={channels} does not divide the {self.n_features} features of "
+                f"{self.layer!r}; each channel must be a block of equally many features"
+            )
+        self.n_channels = channels or self.n_features
         self.mask_module_names: tuple[str, ...] = tuple(dict.fromkeys(points))
 
     @property
@@ -262,7 +278,7 @@ class ChannelGame:
                     self.model,
                     self.mask_module_names,
                     self.channel_dim,
-                    self.n_channels,
+                    self.n_features,
                     inputs,
                     fold=engine != "split",
                     read_output=self.value_function.logits,
@@ -315,6 +331,7 @@ class ChannelGame:
     def __call__(self, coalitions: Tensor) -> Tensor:
         """Values (float64 ``[m]``, on the CPU) of boolean ``[m, n_players]`` coalitions."""
         masks = self.channel_masks(coalitions)
+        masks = masks.repeat_interleave(self.n_features // self.n_channels, 1)
         values = []
         with scoring_mode(self.model):
             for chunk in masks.split(self.coalitions_per_forward):
@@ -448,7 +465,10 @@ def _tensors_of(output: object) -> list[Tensor]:
 
 def _uses_batch_statistics(model: nn.Module) -> bool:
     """Whether a BatchNorm normalizes by the batch even in eval mode, mixing its samples."""
-    return any(isinstance(m, NORM_TYPES) and not m.track_running_stats for m in model.modules())
+    return any(
+        isinstance(m, NORM_TYPES) and not getattr(m, "track_running_stats", True)
+        for m in model.modules()
+    )
 
 
 def _checked_channel_dim(channel_dim: int, shape: torch.Size, layer: str) -> int:
@@ -477,7 +497,7 @@ def _players(modules: Sequence[nn.Module], n_channels: int, pruned: Tensor | Non
     zero_rows = [
         mask.detach().reshape(n_channels, -1).eq(0).all(1).cpu()
         for mask in (getattr(module, "weight_mask", None) for module in modules)
-        if isinstance(mask, Tensor) and mask.shape[0] == n_channels
+        if isinstance(mask, Tensor) and mask.shape[0] % n_channels == 0
     ]
     if zero_rows:
         out |= torch.stack(zero_rows).all(0)
