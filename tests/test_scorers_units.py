@@ -21,8 +21,8 @@ from torch import nn
 
 from lightning_shapley.layers import (
     BATCHNORM,
-    GROUPNORM,
     CONVOLUTION,
+    GROUPNORM,
     LAYER_KINDS,
     LINEAR,
     is_depthwise,
