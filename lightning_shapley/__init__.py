@@ -20,7 +20,13 @@ from lightning_shapley.export import (
     to_torchscript,
 )
 from lightning_shapley.pruning.rounds import RoundPruner
-from lightning_shapley.pruning.schedule import Gradual, OneShot, PruningSchedule, UntilDrop
+from lightning_shapley.pruning.schedule import (
+    Gradual,
+    MiddleOfTraining,
+    OneShot,
+    PruningSchedule,
+    UntilDrop,
+)
 from lightning_shapley.pruning.scorers import (
     BatchNormScorer,
     ChannelScores,
@@ -46,6 +52,7 @@ __all__ = [
     "Gradual",
     "L1Scorer",
     "LeaveOneOutScorer",
+    "MiddleOfTraining",
     "OneShot",
     "PrunableUnit",
     "PruningReporter",

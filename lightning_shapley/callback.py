@@ -10,11 +10,13 @@ decisions.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning
 import torch
@@ -32,6 +34,8 @@ from lightning_shapley.export import (
     export_artifacts,
     masked_size_bytes,
 )
+from lightning_shapley.model_io import eager
+from lightning_shapley.preflight import dry_run
 from lightning_shapley.pruning import distributed, monitors, record
 from lightning_shapley.pruning.batches import (
     BatchTransform,
@@ -46,8 +50,13 @@ from lightning_shapley.pruning.recalibration import batchnorms
 from lightning_shapley.pruning.resume import check_covered, pruned_units, reapply_masks
 from lightning_shapley.pruning.rollback import ModelState, before_step, roll_back
 from lightning_shapley.pruning.rounds import RoundPruner
-from lightning_shapley.pruning.schedule import Decision, PruningSchedule, resolve_schedule
-from lightning_shapley.pruning.scorers import Scorer, make_scorer
+from lightning_shapley.pruning.schedule import (
+    Decision,
+    MiddleOfTraining,
+    PruningSchedule,
+    resolve_schedule,
+)
+from lightning_shapley.pruning.scorers import Scorer, ShapleyScorer, make_scorer
 from lightning_shapley.pruning.units import PrunableUnit, check_layer_names, find_units
 from lightning_shapley.reporting import PruningReporter
 from lightning_shapley.shapley.values import (
@@ -60,6 +69,25 @@ from lightning_shapley.shapley.values import (
 )
 
 SCORE_SOURCES = ("val", "train")
+
+Hook = TypeVar("Hook", bound=Callable[..., Any])
+
+
+def _on_the_eager_model(hook: Hook) -> Hook:
+    """Runs a hook with every compiled submodule of the module swapped for its original.
+
+    Units are named, masked and scored on the eager layers (see ``model_io.eager``), in
+    every hook alike, whether the module compiles its network before fit or in ``setup``.
+    """
+
+    @functools.wraps(hook)
+    def run(
+        self: Callback, trainer: lightning.Trainer, pl_module: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        with eager(pl_module):
+            return hook(self, trainer, pl_module, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 class ShapleyPruning(Callback):
@@ -98,7 +126,10 @@ class ShapleyPruning(Callback):
         amount: final fraction of channels removed, in ``[0, 1)``: in each unit, or over
             all units with ``scope="global"``.
         epochs: 0-based epochs at whose end a step runs, the sparsity ramping up to
-            ``amount`` (cubic by default); an int or ``None`` (epoch 0) for one shot.
+            ``amount`` (cubic by default); an int for one shot; ``None`` spreads the steps
+            over the middle third of ``max_epochs`` (see
+            :class:`~lightning_shapley.pruning.schedule.MiddleOfTraining`), so that an
+            untrained model is never pruned.
         layers: names of the layers to prune; ``None`` for every prunable Conv/Linear
             except the output layer.
         scorer: a name of :data:`~lightning_shapley.pruning.scorers.SCORERS` or a
@@ -259,6 +290,7 @@ class ShapleyPruning(Callback):
     # ------------------------------------------------------------------ set-up
 
     @override
+    @_on_the_eager_model
     def setup(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str
     ) -> None:
@@ -266,6 +298,12 @@ class ShapleyPruning(Callback):
         if stage != "fit":
             return
         self.schedule.validate(trainer.max_epochs)
+        if isinstance(self.schedule, MiddleOfTraining):
+            rank_zero_info(
+                f"ShapleyPruning: epochs=None: pruning at the end of epochs "
+                f"{list(self.schedule.epochs)} (0-based), the middle third of "
+                f"max_epochs={trainer.max_epochs}"
+            )
         # A shuffling loader draws from the global generator: training must not notice.
         with torch.random.fork_rng(devices=[]):
             self.scoring_batches = scoring_batches(
@@ -275,22 +313,49 @@ class ShapleyPruning(Callback):
                 trainer.world_size,
                 trainer.global_rank,
             )
-        self.units = find_units(pl_module, self.scoring_batches[0][0], self.layers)
-        if not self.units:
-            raise ValueError(
-                f"{type(pl_module).__name__} has no prunable unit (find_units warned why it "
-                "left each layer out), so ShapleyPruning has nothing to prune"
-            )
-        self.rounds.units = self.units
-        self.rounds.check_amount(self.amount)
-        for unit in self.units:
-            self.scorer.check(unit)
         measured = evaluate(pl_module, self.scoring_batches, self.value_function).value
         if not math.isfinite(measured):
             raise ValueError(
                 f"value={self.value_function.label!r} is {measured} on the scoring batches "
                 "for the model as it is; a value must be a finite number"
             )
+        self.units = self._checked_units(pl_module)
+        self.rounds.units = self.units
+        self.rounds.check_amount(self.amount)
+        for unit in self.units:
+            self.scorer.check(unit)
+
+    def _checked_units(self, pl_module: lightning.LightningModule) -> list[PrunableUnit]:
+        """The units to prune, each removed and scored once in a dry run (see preflight.py)."""
+        found = find_units(pl_module, self.scoring_batches[0][0], self.layers)
+        checked = dry_run(
+            pl_module,
+            found,
+            self.scoring_batches[0],
+            self.value_function,
+            score=isinstance(self.scorer, ShapleyScorer),
+        )
+        if checked.refused:
+            details = "; ".join(f"{name!r}: {why}" for name, why in checked.refused.items())
+            if self.layers is not None:
+                raise ValueError(f"layers: these cannot be pruned exactly: {details}")
+            warnings.warn(
+                f"ShapleyPruning leaves out units whose channels cannot be removed exactly: "
+                f"{details}",
+                stacklevel=2,
+            )
+        if not checked.units:
+            raise ValueError(
+                f"{type(pl_module).__name__} has no prunable unit (the warnings before this "
+                "say why each layer was left out), so ShapleyPruning has nothing to prune"
+            )
+        summary = ", ".join(
+            f"{unit.name} ({unit.n_channels} channels"
+            + (f", {checked.engines[unit.name]} engine)" if checked.engines else ")")
+            for unit in checked.units
+        )
+        rank_zero_info(f"ShapleyPruning: {len(checked.units)} units: {summary}")
+        return checked.units
 
     def _scoring_loader(self, trainer: lightning.Trainer) -> Iterable[Any]:
         if self.score_dataloader is not None:
@@ -300,6 +365,7 @@ class ShapleyPruning(Callback):
     # ------------------------------------------------------------------ the step
 
     @override
+    @_on_the_eager_model
     def on_train_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
@@ -313,6 +379,7 @@ class ShapleyPruning(Callback):
         self._pending_masks = None
 
     @override
+    @_on_the_eager_model
     def on_train_epoch_end(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
@@ -479,6 +546,7 @@ class ShapleyPruning(Callback):
     # ------------------------------------------------------------------ the end of fit
 
     @override
+    @_on_the_eager_model
     def on_fit_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         """Writes the export artifacts, then draws the run's figures and logs its charts."""
         monitors.restore(trainer, self._stale_monitors)

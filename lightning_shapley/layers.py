@@ -180,8 +180,59 @@ GROUPNORM = LayerKind(
     tp_pruner=_WholeGroupsPruner(),
 )
 
+
+class _TransposedLinearPruner(tp.pruner.function.BasePruningFunc):
+    """torch-pruning's surgery for Hugging Face's ``Conv1D``.
+
+    A linear layer whose weight is stored ``[in, out]`` (``nx`` inputs, ``nf`` outputs).
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+        keep = sorted(set(range(layer.nf)) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+        keep = sorted(set(range(layer.nx)) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.nf
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.nx
+
+
+def _transposed_linear_types() -> tuple[type[nn.Module], ...]:
+    try:  # transformers is optional: its layer kind exists where it is installed
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return ()
+    return (Conv1D,)
+
+
+#: Hugging Face's ``Conv1D`` (GPT-2's projections), a linear layer with its weight stored
+#: transposed.
+TRANSPOSED_LINEAR = LayerKind(
+    name="transposed linear",
+    types=_transposed_linear_types(),
+    role=PRODUCER,
+    parameters=(("weight", 1), ("bias", 0)),
+    output_axis=-1,
+    out_attribute="nf",
+    in_attribute="nx",
+    shape_attributes=("nx", "nf"),
+    tp_pruner=_TransposedLinearPruner(),
+)
+
 #: Every layer kind a unit can hold, in the order they are matched.
-LAYER_KINDS: tuple[LayerKind, ...] = (CONVOLUTION, LINEAR, BATCHNORM, GROUPNORM)
+LAYER_KINDS: tuple[LayerKind, ...] = tuple(
+    kind for kind in (CONVOLUTION, LINEAR, TRANSPOSED_LINEAR, BATCHNORM, GROUPNORM) if kind.types
+)
 #: The module classes of the normalization kinds.
 NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
     t for kind in LAYER_KINDS if kind.role == NORM for t in kind.types

@@ -16,12 +16,14 @@ shapes:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 #: Targets equal to this are padding (Hugging Face's and PyTorch's convention): not scored.
 IGNORE_INDEX = -100
@@ -134,6 +136,44 @@ def positional_arguments(inputs: Inputs) -> tuple[Any, ...] | None:
     if isinstance(inputs, Tensor):
         return (inputs,)
     return None if inputs.kwargs else inputs.args
+
+
+@contextlib.contextmanager
+def eager(model: nn.Module) -> Iterator[None]:
+    """Within the block, every ``torch.compile``d submodule of ``model`` is its original module.
+
+    A compiled submodule (``self.net = torch.compile(self.net)``, as
+    lightning-hydra-template does in ``setup``) hides its layers under ``_orig_mod.``.
+    Inside the block the layers have the names they had before compiling, masks go on the
+    original parameters (which the compiled module shares), and scoring runs eagerly
+    rather than recompiling for every coalition. The compiled modules are put back
+    afterwards, also on an error; recompiling after a step is theirs to do.
+
+    Example:
+        >>> net = nn.Sequential(torch.compile(nn.Linear(2, 2)))
+        >>> with eager(net):
+        ...     type(net[0]).__name__
+        'Linear'
+        >>> type(net[0]).__name__
+        'OptimizedModule'
+    """
+    swapped = []
+    compiled = True
+    while compiled:  # a compiled module may hold another
+        compiled = [
+            (parent, name, child)
+            for parent in model.modules()
+            for name, child in parent.named_children()
+            if isinstance(child, OptimizedModule)
+        ]
+        for parent, name, child in compiled:
+            setattr(parent, name, child._orig_mod)
+        swapped += compiled
+    try:
+        yield
+    finally:
+        for parent, name, child in reversed(swapped):
+            setattr(parent, name, child)
 
 
 def logits_of(output: object) -> Tensor:

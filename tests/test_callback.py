@@ -693,7 +693,8 @@ def test_a_game_is_built_once_per_unit_per_step(
     trainer.fit(make_module(), datamodule=DigitsDataModule(batch_size=64))
 
     units = [(*unit.producers, *unit.batchnorms) for unit in pruning.units]
-    assert built == units * 2  # two steps, each game once, though each step has many rounds
+    # The dry run at set-up, then two steps: each game once, though each step has many rounds.
+    assert built == units * 3
     # The first step had many rounds: one round of every unit is sum(n + 1) evaluations.
     assert pruning.history[0]["evaluations"] > 5 * (sum(CHANNELS) + len(CHANNELS))
 

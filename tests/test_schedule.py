@@ -6,6 +6,7 @@ import pytest
 from lightning_shapley.pruning.schedule import (
     Decision,
     Gradual,
+    MiddleOfTraining,
     OneShot,
     PruningSchedule,
     UntilDrop,
@@ -60,14 +61,38 @@ def test_one_shot() -> None:
 
 
 def test_make_schedule() -> None:
-    assert make_schedule(0.5, None) == OneShot(0.5, epoch=0)
+    assert isinstance(make_schedule(0.5, None), MiddleOfTraining)
     assert make_schedule(0.5, 4) == OneShot(0.5, epoch=4)
     assert make_schedule(0.5, [1, 3], ramp="linear") == Gradual(0.5, (1, 3), ramp="linear")
     assert make_schedule(0.5, (1, 3)) == Gradual(0.5, (1, 3), ramp="cubic")
 
 
+def test_without_epochs_the_steps_span_the_middle_third_of_training() -> None:
+    schedule = MiddleOfTraining(0.6, ramp="linear")
+    assert schedule.target(0) is None  # no steps before fit sets up
+    schedule.validate(max_epochs=9)
+    assert schedule.epochs == (2, 3, 4, 5)  # 3 to 6 of the 9 epochs trained
+    assert [schedule.target(epoch) for epoch in range(9)] == [
+        None, None, 0.15, 0.3, 0.44999999999999996, 0.6, None, None, None
+    ]  # fmt: skip
+    for max_epochs in range(1, 60):
+        epochs = MiddleOfTraining.epochs_for(max_epochs)
+        assert 1 <= len(epochs) <= MiddleOfTraining.MAX_STEPS
+        assert list(epochs) == sorted(set(epochs))
+        assert epochs[-1] < max(max_epochs - 1, 1)  # the last third is fine-tuning
+        assert epochs[0] + 1 >= min(max_epochs / 3, max_epochs)  # never before a third
+    for bad in (None, -1):
+        with pytest.raises(ValueError, match=rf"max_epochs={bad!r} sets no end; give epochs="):
+            MiddleOfTraining(0.5).validate(bad)
+
+
 def test_every_schedule_has_the_uniform_interface() -> None:
-    for schedule in (OneShot(0.5), Gradual(0.5, (1, 2)), UntilDrop(0.1, 0.01)):
+    for schedule in (
+        OneShot(0.5),
+        Gradual(0.5, (1, 2)),
+        UntilDrop(0.1, 0.01),
+        MiddleOfTraining(0.5),
+    ):
         assert isinstance(schedule, PruningSchedule)
         schedule.load_state_dict(schedule.state_dict())
     assert OneShot(0.5).state_dict() == {}

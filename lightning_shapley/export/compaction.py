@@ -25,7 +25,6 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_shapley.export._outputs import mismatch
-from lightning_shapley.layers import customized_pruners
 from lightning_shapley.model_io import Inputs, call_model, output_tensors
 from lightning_shapley.pruning import masking, units
 from lightning_shapley.pruning.units import example_call, traceable_copy
@@ -93,17 +92,8 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Inputs
     replica.eval()
     with torch.no_grad():
         expected = call_model(replica, args)
-    graph = _dependency_graph(replica, args, type(model).__name__)
-    for unit in found:
-        channels = pruned[unit.name]
-        if not channels.any():
-            continue
-        producer = replica.get_submodule(unit.producers[0])
-        pruner = graph.get_pruner_of_module(producer)
-        width = pruner.get_out_channels(producer) // unit.n_channels
-        idxs = channels.repeat_interleave(width).nonzero().flatten().tolist()
-        graph.get_pruning_group(producer, pruner.prune_out_channels, idxs=idxs).prune()
-        _count_heads(replica, unit, int(channels.sum()))
+    with units.torch_pruning_fixes(replica):
+        _remove_pruned(replica, found, pruned, args, type(model).__name__)
     with torch.no_grad():
         actual = call_model(replica, args)
     _check_outputs(expected, actual, type(model).__name__)
@@ -113,6 +103,27 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Inputs
     for name, module in replica.named_modules():
         module.train(training[name])
     return replica
+
+
+def _remove_pruned(
+    model: nn.Module,
+    found: list[units.PrunableUnit],
+    pruned: dict[str, Tensor],
+    args: Inputs,
+    model_name: str,
+) -> None:
+    """torch-pruning slices each unit's pruned channels out of every layer coupled to them."""
+    graph = _dependency_graph(model, args, model_name)
+    for unit in found:
+        channels = pruned[unit.name]
+        if not channels.any():
+            continue
+        producer = model.get_submodule(unit.producers[0])
+        pruner = graph.get_pruner_of_module(producer)
+        width = pruner.get_out_channels(producer) // unit.n_channels
+        idxs = channels.repeat_interleave(width).nonzero().flatten().tolist()
+        graph.get_pruning_group(producer, pruner.prune_out_channels, idxs=idxs).prune()
+        _count_heads(model, unit, int(channels.sum()))
 
 
 def _pruned(
@@ -142,14 +153,7 @@ def _dependency_graph(model: nn.Module, args: Inputs, model_name: str) -> tp.Dep
         return output_tensors(call_model(module, inputs))
 
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
-                model,
-                args,
-                forward_fn=forward,
-                customized_pruners=customized_pruners(),
-                verbose=False,
-            )
+        return units.dependency_graph(model, args, forward)
     except Exception as error:
         raise ValueError(
             f"torch-pruning could not trace {model_name} on example_inputs, so its pruned "

@@ -134,6 +134,77 @@ class Gradual:
         """Nothing to restore."""
 
 
+class MiddleOfTraining:
+    """A :class:`Gradual` ramp over the middle third of training, set from ``max_epochs``.
+
+    What the callback does when no ``epochs`` are given: a model is pruned once it has
+    learned something, and fine-tuned for the last third. The steps end the epochs after
+    which between one third and two thirds of ``max_epochs`` have been trained, at most
+    :attr:`MAX_STEPS` of them, evenly spread; with ``max_epochs=1`` the one step ends the
+    only epoch. The epochs are fixed by :meth:`validate`, which the callback calls when
+    fit sets up.
+
+    Example:
+        >>> schedule = MiddleOfTraining(0.5)
+        >>> schedule.validate(max_epochs=10)
+        >>> schedule.epochs
+        (3, 4, 5)
+        >>> MiddleOfTraining.epochs_for(30)
+        (9, 11, 14, 17, 19)
+    """
+
+    #: The most steps the ramp takes, however long the training.
+    MAX_STEPS = 5
+
+    def __init__(self, amount: float, ramp: str = "cubic") -> None:
+        _check_amount(amount)
+        _check_ramp(ramp)
+        self.amount, self.ramp = float(amount), ramp
+        self._gradual: Gradual | None = None
+
+    @classmethod
+    def epochs_for(cls, max_epochs: int) -> tuple[int, ...]:
+        """The 0-based epochs at whose end the steps run, for ``max_epochs`` epochs."""
+        first = max(1, -(-max_epochs // 3))  # epochs trained at the first step
+        last = max(first, min(2 * max_epochs // 3, max_epochs - 1))
+        count = min(cls.MAX_STEPS, last - first + 1)
+        if count == 1:
+            return (min(first, max_epochs) - 1,)
+        span = last - first
+        return tuple(sorted({first - 1 + round(i * span / (count - 1)) for i in range(count)}))
+
+    @property
+    def epochs(self) -> tuple[int, ...]:
+        """The epochs of the steps, once :meth:`validate` has set them."""
+        if self._gradual is None:
+            raise RuntimeError("the epochs are set from max_epochs by validate(max_epochs)")
+        return self._gradual.epochs
+
+    def target(self, epoch: int) -> float | None:
+        """The ramp's sparsity at a step's epoch, ``None`` at every other."""
+        return None if self._gradual is None else self._gradual.target(epoch)
+
+    def validate(self, max_epochs: int | None) -> None:
+        """Sets the steps from ``max_epochs``; fails when training has no end to take a third of."""
+        if max_epochs is None or not is_int(max_epochs) or max_epochs < 1:
+            raise ValueError(
+                f"epochs=None spreads the pruning steps over the middle third of training, but "
+                f"the trainer's max_epochs={max_epochs!r} sets no end; give epochs= (the 0-based "
+                "epochs at whose end to prune) or a max_epochs"
+            )
+        self._gradual = Gradual(self.amount, self.epochs_for(int(max_epochs)), self.ramp)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the steps follow from ``max_epochs`` again when a resumed fit sets up."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore."""
+
+    def __repr__(self) -> str:
+        return f"MiddleOfTraining(amount={self.amount}, ramp={self.ramp!r})"
+
+
 class Decision(enum.Enum):
     """What :meth:`UntilDrop.record` tells the callback to do."""
 
@@ -280,8 +351,9 @@ def make_schedule(
 
     Args:
         amount: the final sparsity, in ``[0, 1)``.
-        epochs: ``None`` for one step at the end of epoch 0; an epoch for one step there; a
-            sequence of epochs for a :class:`Gradual` ramp.
+        epochs: ``None`` for a ramp over the middle third of training
+            (:class:`MiddleOfTraining`); an epoch for one step there; a sequence of epochs
+            for a :class:`Gradual` ramp.
         ramp: the :class:`Gradual` ramp, ``"cubic"`` or ``"linear"``.
 
     Example:
@@ -292,12 +364,13 @@ def make_schedule(
     """
     _check_ramp(ramp)
     if epochs is None:
-        return OneShot(amount)
+        return MiddleOfTraining(amount, ramp)
     if is_int(epochs):
         return OneShot(amount, epoch=epochs)
     if isinstance(epochs, str) or not isinstance(epochs, Sequence):
         raise ValueError(
-            f"epochs={epochs!r} is not allowed; use None (one step at epoch 0), an epoch, "
+            f"epochs={epochs!r} is not allowed; use None (steps over the middle third of "
+            "training), an epoch, "
             "or a list of strictly increasing non-negative epochs"
         )
     return Gradual(amount, tuple(epochs), ramp=ramp)

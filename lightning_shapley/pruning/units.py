@@ -35,13 +35,16 @@ Rules, in the order they apply to each coupled group:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
+from torch_pruning.dependency import index_mapping
+from torchmetrics import Metric
 
 from lightning_shapley.layers import (
     LAYER_KINDS,
@@ -52,7 +55,13 @@ from lightning_shapley.layers import (
     kind_of,
     supported_types,
 )
-from lightning_shapley.model_io import Inputs, as_model_inputs, call_model, output_tensors
+from lightning_shapley.model_io import (
+    Inputs,
+    as_model_inputs,
+    call_model,
+    eager,
+    output_tensors,
+)
 from lightning_shapley.pruning.masking import copy_model
 
 # Every layer whose output channels torch-pruning can take as the root of a group: the
@@ -130,8 +139,10 @@ def find_units(
         PrunableUnit(name='features.3', producers=('features.3',), batchnorms=('features.4',), consumers=('features.7',), n_channels=32)
     """  # noqa: E501 (a doctest's output line)
     check_layer_names(layers)
-    graph = _DependencyGraph(model, example_inputs)
-    units, rejected = graph.units()
+    args = example_call(example_inputs)
+    replica = traceable_copy(model)
+    with torch_pruning_fixes(replica):
+        units, rejected = _DependencyGraph(replica, args, type(model).__name__).units()
     if layers is None:
         skipped = {name: why for name, why in rejected.items() if why != _OUTPUT}
         if skipped:
@@ -174,11 +185,10 @@ def check_layer_names(layers: object) -> None:
 
 
 class _DependencyGraph:
-    """torch-pruning's dependency graph of a deep copy of a model, read as units."""
+    """torch-pruning's dependency graph of a model (a traceable copy), read as units."""
 
-    def __init__(self, model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> None:
-        args = example_call(example_inputs)
-        self.model = traceable_copy(model)
+    def __init__(self, model: nn.Module, args: Inputs, model_name: str) -> None:
+        self.model = model
         self.names = {module: name for name, module in self.model.named_modules()}
         self.order = {name: index for index, name in enumerate(self.names.values())}
         outputs: list[Tensor] = []
@@ -191,17 +201,10 @@ class _DependencyGraph:
             return differentiable  # what torch-pruning can walk, whatever the output is
 
         try:
-            with torch.enable_grad():
-                self.graph = tp.DependencyGraph().build_dependency(
-                    self.model,
-                    args,
-                    forward_fn=forward,
-                    customized_pruners=customized_pruners(),
-                    verbose=False,
-                )
+            self.graph = dependency_graph(self.model, args, forward)
         except Exception as error:
             raise ValueError(
-                f"torch-pruning could not trace {type(model).__name__} on example_inputs, so "
+                f"torch-pruning could not trace {model_name} on example_inputs, so "
                 f"its prunable units are unknown ({type(error).__name__}: {error})"
             ) from error
         grad_fns = {output.grad_fn for output in outputs}
@@ -242,6 +245,10 @@ class _DependencyGraph:
                 for producer in producers:
                     if isinstance(producer, _ROOTS) and producer in self.names:
                         rejected[self.names[producer]] = unit
+        for module, name in self.names.items():
+            why = _never_pruned(module)
+            if why:
+                rejected[name] = why
         units.sort(key=lambda unit: self.order[unit.name])
         return units, dict(sorted(rejected.items(), key=lambda item: self.order[item[0]]))
 
@@ -319,12 +326,93 @@ def checked_example_inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[T
     )
 
 
+def dependency_graph(
+    model: nn.Module, inputs: Inputs, forward: Callable[[nn.Module, Inputs], object]
+) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model``, traced by ``forward(model, inputs)``.
+
+    With this package's pruners for the layer kinds torch-pruning lacks and gradients on;
+    build and use it under :func:`torch_pruning_fixes`.
+    """
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            model,
+            inputs,
+            forward_fn=forward,
+            customized_pruners=customized_pruners(),
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def torch_pruning_fixes(model: nn.Module) -> Iterator[None]:
+    """The workarounds every use of a torch-pruning graph of ``model`` runs under.
+
+    Its metrics are taken out (:func:`without_metrics`), and a concatenation torch-pruning
+    cannot size is left unmapped rather than failing the whole trace.
+    """
+    with without_metrics(model), _unsized_concatenations_unmapped():
+        yield
+
+
+@contextlib.contextmanager
+def _unsized_concatenations_unmapped() -> Iterator[None]:
+    """Lets torch-pruning skip a concatenation whose input sizes it cannot infer.
+
+    Its index mapping means to leave such a concatenation unmapped, but first adds the
+    unknown sizes up and raises a ``TypeError`` (torch-pruning 1.6; Hugging Face's GPT-2
+    has such concatenations of position ids). Only that ``TypeError`` is caught.
+    """
+    original = index_mapping.update_concat_index_mapping
+
+    def lenient(graph: tp.DependencyGraph, node: object) -> None:
+        try:
+            original(graph, node)
+        except TypeError as error:
+            if "NoneType" not in str(error):
+                raise
+
+    index_mapping.update_concat_index_mapping = lenient
+    try:
+        yield
+    finally:
+        index_mapping.update_concat_index_mapping = original
+
+
+@contextlib.contextmanager
+def without_metrics(model: nn.Module) -> Iterator[None]:
+    """Takes torchmetrics ``Metric`` submodules out of ``model`` for the block, then puts them back.
+
+    A ``Metric`` overrides ``==``, and torch-pruning tests layers for membership in lists,
+    so one metric held by a LightningModule would match every layer and hide the whole
+    model from the trace. Metrics hold no channels and take no part in the forward.
+    """
+    removed = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, Metric)
+    ]
+    for parent, name, _ in removed:
+        setattr(parent, name, nn.Module())
+    try:
+        yield
+    finally:
+        for parent, name, child in removed:
+            setattr(parent, name, child)
+
+
 def traceable_copy(model: nn.Module) -> nn.Module:
-    """A deep copy to trace: tracing switches it to eval mode and runs a forward pass."""
+    """A deep copy to trace: tracing switches it to eval mode and runs a forward pass.
+
+    Compiled submodules are copied as their original modules (see ``model_io.eager``):
+    torch-pruning traces eager code, and the layers keep their names from before compiling.
+    """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model is a {type(model).__name__}; find_units needs an nn.Module")
     try:
-        replica = copy_model(model)
+        with eager(model):
+            replica = copy_model(model)
     except Exception as error:
         raise ValueError(
             f"find_units traces a deep copy of {type(model).__name__}, and copying it failed "
@@ -360,6 +448,22 @@ def _role(module: nn.Module, prunes_output: bool) -> str | None:
     if kind.role == NORM or is_depthwise(module):
         return kind.role
     return PRODUCER if prunes_output else _CONSUMER
+
+
+def _never_pruned(module: nn.Module) -> str | None:
+    """Why a layer with channels of its own is not pruned at all, for the layers users ask about."""
+    if isinstance(module, nn.RNNBase):
+        return (
+            f"a recurrent layer ({type(module).__name__}): its hidden units are not pruned "
+            "(the layers after it are)"
+        )
+    if isinstance(module, nn.MultiheadAttention):
+        return (
+            "an nn.MultiheadAttention packs query, key and value into one in-projection "
+            "parameter: its heads are not pruned (write the projections as nn.Linear layers "
+            "in a module with a num_heads attribute to prune heads)"
+        )
+    return None
 
 
 def _no_role(name: str, module: nn.Module) -> str:
