@@ -18,6 +18,7 @@ from models_for_tests import (
     randomize_batchnorms,
 )
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lightning_shapley.layers import (
     BATCHNORM,
@@ -25,6 +26,7 @@ from lightning_shapley.layers import (
     GROUPNORM,
     LAYER_KINDS,
     LINEAR,
+    TRANSPOSED_LINEAR,
     is_depthwise,
     kind_of,
 )
@@ -128,6 +130,7 @@ def test_every_layer_kind_names_its_channel_parameters_and_axes():
         LINEAR: nn.Linear(3, 4),
         BATCHNORM: nn.BatchNorm2d(4),
         GROUPNORM: nn.GroupNorm(2, 4),
+        TRANSPOSED_LINEAR: Conv1D(4, 3),  # Hugging Face's: weight [in, out]
     }
     assert set(examples) == set(LAYER_KINDS)
     for kind, module in examples.items():

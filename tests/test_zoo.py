@@ -21,8 +21,6 @@ from lightning_shapley.pruning.scorers import LeaveOneOutScorer, ShapleyScorer
 from lightning_shapley.pruning.units import find_units
 from tests.zoo import ZOO, hf_bert
 
-pytest.importorskip("transformers")
-
 AMOUNT = 0.5
 
 
