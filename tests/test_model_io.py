@@ -132,3 +132,33 @@ def test_an_output_transform_reads_logits_the_default_cannot_find() -> None:
     assert game(torch.ones(1, 6, dtype=torch.bool)).shape == (1,)
     with pytest.raises(ValueError, match="output_transform=3 is not allowed"):
         resolve_value("loss", output_transform=3)
+
+
+def test_a_model_that_mixes_the_samples_of_a_batch_is_scored_one_coalition_at_a_time() -> None:
+    class SequenceFirst(nn.Module):
+        """Reads ``[T, B]`` token ids: dim 0, which the coalitions are stacked on, is time."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.up = nn.Linear(8, 12)
+            self.down = nn.Linear(12, 3)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            h = F.relu(self.up(self.embed(ids))).cumsum(0)  # each step sees the earlier ones
+            return self.down(h[-1]).repeat(len(ids), 1)[: len(ids)]
+
+    torch.manual_seed(0)
+    model = SequenceFirst().eval()
+    batches = [(torch.randint(0, 20, (6, 5)), torch.randint(0, 3, (6,)))]
+    game = ChannelGame(model, "up", batches, channel_dim=-1, engine="full")
+    assert game.coalitions_per_forward == 1
+    coalitions = torch.rand(4, 12) > 0.5
+    one_by_one = torch.cat([game(c[None]) for c in coalitions])
+    assert torch.equal(game(coalitions), one_by_one)
+    batch = token_batch()
+    inputs = ModelInputs((batch["input_ids"], batch["attention_mask"]))
+    independent = ChannelGame(
+        TokenTagger().eval(), "up", [(inputs, batch["labels"])], channel_dim=-1
+    )
+    assert independent.coalitions_per_forward > 1

@@ -154,6 +154,27 @@ class ChannelGame:
                     "batch, so coalitions must be evaluated one per forward pass (1 or None)"
                 )
             self.coalitions_per_forward = 1
+        if coalitions_per_forward is None and not self._stacking_is_exact():
+            self.coalitions_per_forward = 1
+
+    def _stacking_is_exact(self) -> bool:
+        """Whether coalitions stacked in one batch score as they do one at a time.
+
+        Not so for a model that mixes the samples of a batch: one that normalizes by the
+        batch, or reads its inputs sequence-first, so that the coalitions stacked along
+        dim 0 would attend to each other. Tried once, on the first batch.
+        """
+        if self.coalitions_per_forward == 1:
+            return True
+        masks = torch.ones(2, self.n_features, device=self.device)
+        try:
+            with scoring_mode(self.model):
+                together, alone = self._forward(masks, 0), self._forward(masks[:1], 0)
+        except Exception:  # the stacked batch does not even run: one at a time it is
+            return False
+        return together.shape[1:] == alone.shape[1:] and all(
+            torch.allclose(logits, alone[0], rtol=1e-4, atol=1e-5) for logits in together
+        )
 
     @classmethod
     def from_unit(
