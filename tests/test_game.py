@@ -311,12 +311,13 @@ def test_exception_inside_a_coalition_forward_leaves_the_model_unchanged(
     model_in_train_mode, score_batches, engine, error
 ):
     # Raised while the coalitions run through the head, i.e. while the full engine's mask
-    # hook is registered: the probe and sizing passes see one batch of 50, not k * 50 rows.
+    # hook is registered: the probe and sizing passes see one batch of 50, and the check
+    # that stacking is exact two, not k * 50 rows.
     model = model_in_train_mode
     before = _snapshot(model)
 
     def fail_on_stacked_coalitions(_module: nn.Module, args: tuple) -> None:
-        if len(args[0]) > len(score_batches[0][0]):
+        if len(args[0]) > 2 * len(score_batches[0][0]):
             raise error("raised by the test's hook")
 
     handle = model.classifier.register_forward_pre_hook(fail_on_stacked_coalitions)
