@@ -6,7 +6,8 @@ Three parts, side by side in one run on the embedded digits CNN:
    of the digits CNN (Conv-BN-ReLU 32-32-64) with 50 permutations over 200 held-out
    images: a naive loop (one full forward per coalition), Captum's
    ``ShapleyValueSampling`` with batched perturbations on the same value, and ours; ours
-   also as a fraction of this machine's fp32 matmul rate.
+   also as a fraction of this machine's fp32 matmul rate. Then the same on the same
+   network behind a forward torch.fx cannot trace (``RankBranching``).
 2. Accuracy: error against exact values of a 14-channel block at budgets of 10n, 30n and
    100n evaluations for each estimator, the coverage of the reported standard errors, and
    how often the estimated bottom-25% set is exactly right.
@@ -84,9 +85,9 @@ def matmul_rate() -> float:
 class NaiveValue:
     """One full forward pass per coalition, a hook zeroing channels after the BatchNorm."""
 
-    def __init__(self, net: nn.Module, batch: tuple[Tensor, Tensor]) -> None:
+    def __init__(self, net: nn.Module, batch: tuple[Tensor, Tensor], batchnorm: str) -> None:
         self.net, (self.inputs, self.targets) = net, batch
-        self.batchnorm = net.get_submodule(BATCHNORM)
+        self.batchnorm = net.get_submodule(batchnorm)
         self.rows = 0
 
     def __call__(self, coalitions: Tensor) -> Tensor:
@@ -133,8 +134,25 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
-def throughput(permutations: int) -> tuple[list[dict], dict]:
-    net = train_cnn((32, 32, 64), epochs=10)
+class RankBranching(nn.Module):
+    """The digits CNN behind an ``if x.dim() == 3``: torch.fx cannot trace it, torch.export can.
+
+    The kind of Python users' forwards hold (a shape check, a squeeze for single images),
+    which sends the fx engines to the full one.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.unsqueeze(1) if x.dim() == 3 else x)
+
+
+def throughput(
+    net: nn.Module, prefix: str, engines: tuple[str, ...], permutations: int, flops: float
+) -> list[dict]:
+    """Evaluations per second of each evaluator on ``prefix + LAYER``, side by side."""
     batch = score_batch()
     rows: list[dict] = []
 
@@ -149,14 +167,14 @@ def throughput(permutations: int) -> tuple[list[dict], dict]:
             }
         )
 
-    naive = NaiveValue(net, batch)
+    naive = NaiveValue(net, batch, prefix + BATCHNORM)
     estimate, seconds = timed(
         lambda: estimators.permutation(naive, 32, num_permutations=permutations, seed=0)
     )
     add("naive loop (one forward per coalition)", 1, estimate.evaluations, seconds)
 
     for per_eval in (1, 4, 16, 33):
-        captum_value = BatchedFullValue(net, batch)
+        captum_value = BatchedFullValue(net, batch, prefix + BATCHNORM)
         sampler = ShapleyValueSampling(captum_value)
         _, seconds = timed(
             lambda sampler=sampler, per_eval=per_eval: sampler.attribute(
@@ -168,33 +186,32 @@ def throughput(permutations: int) -> tuple[list[dict], dict]:
         )
         add("captum ShapleyValueSampling", per_eval, captum_value.rows, seconds)
 
-    for engine in ("full", "split", "split+fold"):
+    for engine in engines:
 
         def run(engine: str = engine) -> tuple[estimators.ShapleyEstimate, ChannelGame]:
-            game = ChannelGame(net, LAYER, [batch], engine=engine)
+            game = ChannelGame(net, prefix + LAYER, [batch], engine=engine)
             return estimators.permutation(game, 32, num_permutations=permutations, seed=0), game
 
         (estimate, game), seconds = timed(run)
-        add(f"ours, engine {engine}", game.coalitions_per_forward, estimate.evaluations, seconds)
+        name = f"ours, engine {engine}" + (f" ({game.engine})" if engine == "auto" else "")
+        add(name, game.coalitions_per_forward, estimate.evaluations, seconds)
 
     rate = matmul_rate()
-    game = ChannelGame(net, LAYER, [batch], engine="split")
-    with scoring_mode(net), FlopCounterMode(display=False) as counter:
-        game._forward(torch.ones(1, 32), 0)
-    flops = counter.get_total_flops()
     naive_rate = rows[0]["evals_per_s"]
     best_captum = max(r["evals_per_s"] for r in rows if r["evaluator"].startswith("captum"))
     for row in rows:
         row["vs_naive"] = row["evals_per_s"] / naive_rate
         row["vs_best_captum"] = row["evals_per_s"] / best_captum
         row["fraction_of_matmul_rate"] = row["evals_per_s"] * flops / rate
-    summary = {
-        "matmul_gflops": rate / 1e9,
-        "downstream_mflop_per_evaluation": flops / 1e6,
-        "permutations": permutations,
-        "images": len(batch[0]),
-    }
-    return rows, summary
+    return rows
+
+
+def downstream_flops(net: nn.Module) -> float:
+    """FLOPs of one coalition's evaluation downstream of the masked layer."""
+    game = ChannelGame(net, LAYER, [score_batch()], engine="split")
+    with scoring_mode(net), FlopCounterMode(display=False) as counter:
+        game._forward(torch.ones(1, 32), 0)
+    return counter.get_total_flops()
 
 
 def exact_table(n_channels: int) -> tuple[Callable[[Tensor], Tensor], float, int]:
@@ -295,8 +312,29 @@ def adaptive_stop(n: int, seeds: int) -> list[dict]:
     return rows
 
 
-def markdown(throughput_rows: list[dict], throughput_info: dict, accuracy_rows: list[dict],
-             accuracy_info: dict, adaptive_rows: list[dict]) -> str:  # fmt: skip
+def throughput_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| evaluator | coalitions per forward | evaluations | seconds | evals/s | vs naive "
+        "| vs best Captum | of matmul rate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['evaluator']} | {r['coalitions_per_forward']} | {r['evaluations']} "
+            f"| {r['seconds']:.2f} | {r['evals_per_s']:.0f} | {r['vs_naive']:.2f}x "
+            f"| {r['vs_best_captum']:.2f}x | {r['fraction_of_matmul_rate']:.2f} |"
+        )
+    return lines
+
+
+def markdown(
+    throughput_rows: list[dict],
+    untraceable_rows: list[dict],
+    throughput_info: dict,
+    accuracy_rows: list[dict],
+    accuracy_info: dict,
+    adaptive_rows: list[dict],
+) -> str:
     lines = [
         f"### Throughput: scoring `{LAYER}` (32 channels) of the digits CNN, "
         f"{throughput_info['permutations']} permutations, {throughput_info['images']} images",
@@ -304,16 +342,15 @@ def markdown(throughput_rows: list[dict], throughput_info: dict, accuracy_rows: 
         f"fp32 matmul rate {throughput_info['matmul_gflops']:.0f} GFLOP/s; one downstream "
         f"evaluation is {throughput_info['downstream_mflop_per_evaluation']:.1f} MFLOP.",
         "",
-        "| evaluator | coalitions per forward | evaluations | seconds | evals/s | vs naive "
-        "| vs best Captum | of matmul rate |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *throughput_table(throughput_rows),
+        "",
+        "### Throughput on a CNN torch.fx cannot trace: the same network and value, behind an "
+        "`if x.dim() == 3` (`RankBranching`)",
+        "",
+        "The fx engines refuse it; `auto` captures it with torch.export instead.",
+        "",
+        *throughput_table(untraceable_rows),
     ]
-    for r in throughput_rows:
-        lines.append(
-            f"| {r['evaluator']} | {r['coalitions_per_forward']} | {r['evaluations']} "
-            f"| {r['seconds']:.2f} | {r['evals_per_s']:.0f} | {r['vs_naive']:.2f}x "
-            f"| {r['vs_best_captum']:.2f}x | {r['fraction_of_matmul_rate']:.2f} |"
-        )
     lines += [
         "",
         f"### Accuracy against exact values: a {accuracy_info['players']}-channel block, "
@@ -362,10 +399,26 @@ def main() -> None:
     # Every contender runs under the malloc settings the game applies on the CPU.
     retain_freed_memory()
     permutations, n, seeds = (6, 8, 3) if args.quick else (50, 14, 20)
-    throughput_rows, throughput_info = throughput(permutations)
+    net = train_cnn((32, 32, 64), epochs=10)
+    flops = downstream_flops(net)
+    throughput_rows = throughput(net, "", ("full", "split", "split+fold"), permutations, flops)
+    untraceable_rows = throughput(RankBranching(net), "net.", ("full", "auto"), permutations, flops)
+    throughput_info = {
+        "matmul_gflops": matmul_rate() / 1e9,
+        "downstream_mflop_per_evaluation": flops / 1e6,
+        "permutations": permutations,
+        "images": len(score_batch()[0]),
+    }
     accuracy_rows, accuracy_info = accuracy(n, seeds)
     adaptive_rows = adaptive_stop(n, 1 if args.quick else 3)
-    report = markdown(throughput_rows, throughput_info, accuracy_rows, accuracy_info, adaptive_rows)
+    report = markdown(
+        throughput_rows,
+        untraceable_rows,
+        throughput_info,
+        accuracy_rows,
+        accuracy_info,
+        adaptive_rows,
+    )
     print(report)
     RESULTS.mkdir(exist_ok=True)
     suffix = "-quick" if args.quick else ""
@@ -379,6 +432,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
         },
         "throughput": {"rows": throughput_rows, **throughput_info},
+        "throughput_untraceable": {"rows": untraceable_rows, **throughput_info},
         "accuracy": {"rows": accuracy_rows, **accuracy_info},
         "adaptive": adaptive_rows,
     }

@@ -16,6 +16,15 @@ Three networks, one of them on data the defaults were never tuned on:
 - ``signals-cnn``: a 1-D CNN on a generated data set of noisy, shifted and stretched
   waveforms of 10 classes (made here, so nothing is downloaded).
 
+And transformers (Hugging Face's BERT and ViT, tiny and randomly initialized, trained
+here), each measured twice: pruning the MLP neurons (``*-mlp``) and pruning the attention
+heads (``*-heads``), at 25 and 50%, with the default, classic Shapley, L1, Taylor and
+random scorers:
+
+- ``bert-*``: a 2-layer, 8-head BERT-style encoder on generated token sequences whose
+  class is the marker token that occurs most often;
+- ``vit-*``: a 2-layer, 8-head ViT on the digits, 2x2 patches.
+
 Scorers: ``shapley`` with the callback's default settings; the classic Shapley value (50
 permutations, value -loss, one ranking); L1 filter norm; BatchNorm ``|gamma|``;
 first-order Taylor; random; and greedy backward elimination (leave-one-out loss measured
@@ -56,7 +65,7 @@ from lightning_shapley.pruning.scorers import (
     ShapleyScorer,
     TaylorScorer,
 )
-from lightning_shapley.pruning.units import find_units
+from lightning_shapley.pruning.units import PrunableUnit, attention_heads, find_units
 from lightning_shapley.shapley.values import scoring_mode
 
 RESULTS = Path(__file__).parent / "results"
@@ -80,6 +89,17 @@ class Task:
     score: Split
     test: Split
     epochs: int
+    lr: float = TRAIN_LR
+    sparsities: tuple[float, ...] = SPARSITIES
+    #: Which units are pruned: all, or those this says yes to (MLP neurons, heads).
+    unit_filter: Callable[[nn.Module, PrunableUnit], bool] | None = None
+    #: The methods measured: all, or these names.
+    method_names: tuple[str, ...] | None = None
+    fine_tune_lr: float = FINE_TUNE_LR
+
+    def units(self, model: nn.Module) -> list[PrunableUnit]:
+        found = find_units(model, self.score[0][:2])
+        return [u for u in found if self.unit_filter is None or self.unit_filter(model, u)]
 
 
 @dataclass
@@ -185,13 +205,106 @@ def signal_splits(length: int = 48, train: int = 2000, score: int = 200, test: i
     )
 
 
+class BertClassifier(nn.Module):
+    """A small BERT-style encoder (Hugging Face's, randomly initialized) over token ids."""
+
+    def __init__(self, vocab: int = 24, classes: int = 4) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(
+            vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+            intermediate_size=128, max_position_embeddings=32, num_labels=classes,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        self.model = BertForSequenceClassification(config)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(input_ids=ids).logits
+
+
+class DigitsViT(nn.Module):
+    """A small ViT (Hugging Face's, randomly initialized) on the 8x8 digits, 2x2 patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(
+            image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2,
+            num_attention_heads=8, intermediate_size=128, num_labels=10,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        self.model = ViTForImageClassification(config)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(pixel_values=images).logits
+
+
+def marker_splits(
+    length: int = 16, vocab: int = 24, train: int = 2000, score: int = 200, test: int = 800
+):
+    """Token sequences whose class is the marker token (1 to 4) that occurs most often.
+
+    The winning marker occurs 3 or 4 times, each other one 0 to 2 times, at random
+    places among filler tokens; counting across the sequence is the task.
+    """
+    generator = torch.Generator().manual_seed(1234)
+    n = train + score + test
+    ids = torch.randint(5, vocab, (n, length), generator=generator)
+    labels = torch.randint(0, 4, (n,), generator=generator)
+    for index in range(n):
+        places = torch.randperm(length, generator=generator).tolist()
+        for marker in range(4):
+            high = marker == labels[index]
+            count = (
+                int(torch.randint(3, 5, (1,), generator=generator))
+                if high
+                else int(torch.randint(0, 3, (1,), generator=generator))
+            )
+            for _ in range(count):
+                ids[index, places.pop()] = marker + 1
+    return (
+        (ids[:train], labels[:train]),
+        (ids[train : train + score], labels[train : train + score]),
+        (ids[train + score :], labels[train + score :]),
+    )
+
+
+def is_heads(model: nn.Module, unit: PrunableUnit) -> bool:
+    """An attention unit: its channels are heads."""
+    return attention_heads(model, unit.name) is not None
+
+
+def is_mlp(model: nn.Module, unit: PrunableUnit) -> bool:
+    """A transformer MLP's intermediate neurons."""
+    return unit.name.endswith("intermediate.dense")
+
+
+TRANSFORMER_METHODS = ("shapley (default)", "classic shapley", "l1", "taylor", "random")
+
+
 def tasks(quick: bool) -> list[Task]:
     digits = digits_splits(seed=0)
     splits = (digits.train.tensors, digits.score.tensors, digits.test.tensors)
+    markers = marker_splits()
+    images = tuple((x.reshape(-1, 1, 8, 8), y) for x, y in splits)
+    transformer = {
+        "sparsities": (0.25, 0.5),
+        "method_names": TRANSFORMER_METHODS,
+        "lr": 1e-3,
+        "fine_tune_lr": 3e-4,
+    }
     found = [
         Task("digits-cnn", DigitsCNN, *splits, epochs=15),
         Task("digits-resnet", ResidualCNN, *splits, epochs=15),
         Task("signals-cnn", SignalCNN, *signal_splits(), epochs=20),
+        Task("bert-mlp", BertClassifier, *markers, epochs=20, unit_filter=is_mlp, **transformer),
+        Task(
+            "bert-heads", BertClassifier, *markers, epochs=20, unit_filter=is_heads, **transformer
+        ),
+        Task("vit-mlp", DigitsViT, *images, epochs=20, unit_filter=is_mlp, **transformer),
+        Task("vit-heads", DigitsViT, *images, epochs=20, unit_filter=is_heads, **transformer),
     ]
     return found[:1] if quick else found
 
@@ -273,12 +386,12 @@ def run_method(task: Task, dense: nn.Module, method: Method, seed: int) -> list[
     recalibration = [x for x, _ in batches_of(task.train, seed, shuffle=True)][
         :RECALIBRATION_BATCHES
     ]
-    units = find_units(dense, task.score[0][:2])
+    units = task.units(dense)
     counter = CostCounter(method.make_scorer(seed))
     # A ranking is computed once, on the dense network, and cut at every sparsity.
     scorer = counter if method.iterative else RankingOnce(counter)
     rows, model = [], copy_model(dense)
-    for sparsity in SPARSITIES:
+    for sparsity in task.sparsities:
         if not method.iterative:
             model = copy_model(dense)
         pruner = RoundPruner(
@@ -290,7 +403,9 @@ def run_method(task: Task, dense: nn.Module, method: Method, seed: int) -> list[
         )
         pruner.prune(model, score, sparsity, recalibration)
         one_shot = accuracy(model, task.test)
-        tuned = train(copy_model(model), task.train, FINE_TUNE_EPOCHS, FINE_TUNE_LR, seed + 100)
+        tuned = train(
+            copy_model(model), task.train, FINE_TUNE_EPOCHS, task.fine_tune_lr, seed + 100
+        )
         rows.append(
             {
                 "task": task.name,
@@ -351,11 +466,12 @@ def markdown(summary: list[dict], dense: dict[str, list[float]]) -> str:
     lines = []
     for task in dict.fromkeys(s["task"] for s in summary):
         accs = dense[task]
+        sparsities = sorted({s["sparsity"] for s in summary if s["task"] == task})
         lines += [
             f"### {task} (dense test accuracy {100 * statistics.fmean(accs):.1f}%)",
             "",
             "Test accuracy (%), mean ± std over seeds, at per-layer channel sparsity "
-            + " / ".join(f"{100 * s:g}%" for s in SPARSITIES)
+            + " / ".join(f"{100 * s:g}%" for s in sparsities)
             + "; value evaluations and seconds spent scoring to reach the highest sparsity.",
             "",
             "| scorer | one-shot (BatchNorm re-estimated) | after a 3-epoch fine-tune "
@@ -451,12 +567,14 @@ def measure(
     rows, dense = [], []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = train(task.make_model(), task.train, task.epochs, TRAIN_LR, seed)
+        model = train(task.make_model(), task.train, task.epochs, task.lr, seed)
         dense.append(accuracy(model, task.test))
-        units = find_units(model, task.score[0][:2])
+        units = task.units(model)
         done: dict[str, tuple[Method, list[dict]]] = {}
         for method in methods():
-            if only is not None and method.name not in only:
+            if (only is not None and method.name not in only) or (
+                task.method_names is not None and method.name not in task.method_names
+            ):
                 continue
             start = time.perf_counter()
             twin = next(

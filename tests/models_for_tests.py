@@ -6,7 +6,6 @@ At the end, :func:`pruned_values` is the reference a game must equal: the metric
 model pruned by ``masking.py``.
 """
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_shapley.app.models import DigitsCNN
-from lightning_shapley.pruning.masking import prune_channels
+from lightning_shapley.pruning.masking import copy_model, prune_channels
 from lightning_shapley.pruning.units import PrunableUnit
 
 
@@ -46,6 +45,16 @@ class DataDependentCNN(nn.Module):
         h = F.relu(self.bn(self.conv(x)))
         if x.sum() > 0:
             h = h * 2.0
+        return self.head(h.mean((2, 3)))
+
+
+class ShapeBranchingCNN(DataDependentCNN):
+    """The same block, branching on the input's rank: ``torch.export`` captures it, fx cannot."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # a batch of single-channel images without their channel axis
+            x = x.unsqueeze(1)
+        h = F.relu(self.bn(self.conv(x)))
         return self.head(h.mean((2, 3)))
 
 
@@ -212,15 +221,19 @@ def pruned_copy(model: nn.Module, unit: PrunableUnit, pruned: Tensor) -> nn.Modu
 
     ``masking.prune_channels`` keeps at least one channel, so with every channel pruned
     (the empty coalition) the same parameters are zeroed by hand: the producers' weights
-    and biases, the BatchNorms' weights and biases. The copy is taken before pruning: a
-    pruned model holds a computed ``weight`` that ``copy.deepcopy`` refuses.
+    and biases, the BatchNorms' weights and biases. ``copy_model`` copies a model that is
+    masked already, whose computed ``weight`` ``copy.deepcopy`` refuses.
     """
-    replica = copy.deepcopy(model).eval()
+    replica = copy_model(model).eval()
     if bool(pruned.all()):
         with torch.no_grad():
             for name in (*unit.producers, *unit.batchnorms):
                 module = replica.get_submodule(name)
-                for parameter in (module.weight, module.bias):
+                for tensor_name in ("weight", "bias"):
+                    # A masked module recomputes its weight from weight_orig at every forward.
+                    parameter = getattr(module, f"{tensor_name}_orig", None)
+                    if parameter is None:
+                        parameter = getattr(module, tensor_name)
                     if parameter is not None:
                         parameter.zero_()
     else:

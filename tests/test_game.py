@@ -20,6 +20,7 @@ from models_for_tests import (
     PreActResidualNet,
     ProjectionNet,
     ResidualNet,
+    ShapeBranchingCNN,
     flatten_head_cnn,
     mlp,
     pruned_values,
@@ -35,7 +36,7 @@ from lightning_shapley.app.models import DigitsCNN
 from lightning_shapley.pruning.masking import prune_channels, pruned_channels
 from lightning_shapley.pruning.recalibration import batchnorms
 from lightning_shapley.pruning.units import PrunableUnit, find_units
-from lightning_shapley.shapley.engines import UnsplittableModelError
+from lightning_shapley.shapley.capture import UnsplittableModelError
 from lightning_shapley.shapley.estimators import exact
 from lightning_shapley.shapley.values import accuracy, negative_loss
 
@@ -338,31 +339,37 @@ def _seeded(factory: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
 
 
 # (factory, layer, module masked by the reference, engine name for "auto")
+# (factory, layer, module masked by the reference, engine of "auto", engine of "export";
+# None where torch.fx or torch.export cannot capture the model)
 _MODELS = {
-    "untraceable": (DataDependentCNN, "conv", "bn", "full"),
-    "residual-conv1": (ResidualNet, "block.conv1", "block.bn1", "split+fold"),
-    "residual-conv2": (ResidualNet, "block.conv2", "block.bn2", "split"),
-    "mlp": (mlp, "1", "2", "split+fold"),
-    "flatten-into-linear": (flatten_head_cnn, "0", "1", "split+fold"),
+    "data-dependent": (DataDependentCNN, "conv", "bn", "full", None),
+    "shape-branching": (ShapeBranchingCNN, "conv", "bn", "export", "export"),
+    "residual-conv1": (ResidualNet, "block.conv1", "block.bn1", "split+fold", "export+fold"),
+    "residual-conv2": (ResidualNet, "block.conv2", "block.bn2", "split", "export"),
+    "mlp": (mlp, "1", "2", "split+fold", "export+fold"),
+    "flatten-into-linear": (flatten_head_cnn, "0", "1", "split+fold", "export+fold"),
 }
 OTHER_MODELS = [
     pytest.param(*case, engine, id=f"{name}-{engine}")
     for name, case in _MODELS.items()
-    for engine in ("auto", "split", "full")
+    for engine in ("auto", "split", "export", "full")
 ]
 
 
-@pytest.mark.parametrize(("factory", "layer", "mask_module", "auto_name", "engine"), OTHER_MODELS)
+@pytest.mark.parametrize(
+    ("factory", "layer", "mask_module", "auto_name", "export_name", "engine"), OTHER_MODELS
+)
 def test_other_models_equal_naive_reference(
-    score_batches, factory, layer, mask_module, auto_name, engine
+    score_batches, factory, layer, mask_module, auto_name, export_name, engine
 ):
     model = _seeded(factory)
-    if engine == "split" and auto_name == "full":
-        with pytest.raises(UnsplittableModelError, match="cannot trace"):
+    traceable = auto_name.startswith("split")  # by torch.fx
+    if (engine == "split" and not traceable) or (engine == "export" and export_name is None):
+        with pytest.raises(UnsplittableModelError, match=r"cannot trace|cannot capture"):
             ChannelGame(model, layer, score_batches, engine=engine)
         return
     game = ChannelGame(model, layer, score_batches, engine=engine)
-    assert game.engine == (auto_name if engine == "auto" else engine)
+    assert game.engine == {"auto": auto_name, "export": export_name}.get(engine, engine)
     assert game.mask_module_name == mask_module
     coalitions = random_coalitions(game.n_players, seed=4)
     expected = naive_values(model, mask_module, score_batches, coalitions)
@@ -461,7 +468,7 @@ ERRORS = [
     ),
     pytest.param(
         lambda m, b: _game(m, b, engine="turbo"),
-        r"engine='turbo'.*'auto', 'split\+fold', 'split', 'full'",
+        r"engine='turbo'.*'auto', 'split\+fold', 'split', 'export', 'full'",
         id="engine",
     ),
     pytest.param(
@@ -849,3 +856,40 @@ def test_a_linear_unit_plays_its_last_dimension_whatever_the_leading_shape():
     with torch.no_grad():
         expected = value(reference(tokens), targets)
     assert game(coalition).item() == pytest.approx(expected, abs=1e-6)
+
+
+class _RankBranchingDigits(nn.Module):
+    """The digits CNN behind an ``if x.dim() == 3``: fx cannot trace it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = DigitsCNN(channels=(8, 8, 16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.unsqueeze(1) if x.dim() == 3 else x)
+
+
+def test_the_export_engine_sees_masks_and_weights_changed_after_it_was_built(score_batches):
+    model = randomize_batchnorms(_RankBranchingDigits())
+    unit = find_units(model, score_batches[0][0])[1]
+    game = ChannelGame.from_unit(model, unit, score_batches)
+    assert game.engine == "export+fold"  # the graph is cut, and the mask folded
+    coalitions = random_coalitions(8, seed=1)
+    torch.testing.assert_close(
+        game(coalitions), pruned_values(model, unit, score_batches, coalitions), atol=1e-5, rtol=0
+    )
+
+    pruned = torch.zeros(8, dtype=torch.bool)
+    pruned[[1, 6]] = True
+    prune_channels(model, unit, pruned)
+    with torch.no_grad():
+        model.net.features[0].weight.mul_(1.5)  # upstream of the cut: the cache must change
+        model.net.classifier.weight.mul_(0.5)  # downstream: the graph must read it anew
+    game.refresh()
+    assert game.n_players == 6
+    coalitions = random_coalitions(6, seed=2)
+    full = torch.zeros(len(coalitions), 8, dtype=torch.bool)
+    full[:, ~pruned] = coalitions
+    torch.testing.assert_close(
+        game(coalitions), pruned_values(model, unit, score_batches, full), atol=1e-5, rtol=0
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from zoo import ZOO, hf_bert
 
 from lightning_shapley import ShapleyPruning
 from lightning_shapley.export import compact
@@ -19,7 +20,6 @@ from lightning_shapley.model_io import as_model_inputs, call_model, eager, logit
 from lightning_shapley.pruning.masking import pruned_channels
 from lightning_shapley.pruning.scorers import LeaveOneOutScorer, ShapleyScorer
 from lightning_shapley.pruning.units import find_units
-from tests.zoo import ZOO, hf_bert
 
 AMOUNT = 0.5
 

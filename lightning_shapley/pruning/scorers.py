@@ -259,7 +259,9 @@ class TaylorScorer(CriterionScorer):
                     (gradient,) = torch.autograd.grad(loss, captured[0])
                     contribution = (captured[0] * gradient).detach()
                     dims = [d for d in range(contribution.ndim) if d != axis % contribution.ndim]
-                    total += contribution.abs().sum(dims).double().cpu()
+                    per_feature = contribution.abs().sum(dims).double().cpu()
+                    # A channel may span several features (a group, an attention head).
+                    total += per_feature.reshape(unit.n_channels, -1).sum(1)
         finally:
             handle.remove()
         return total / sum(len(targets) for _, targets in batches)

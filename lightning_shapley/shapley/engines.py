@@ -29,19 +29,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, fx, nn
 
-from lightning_shapley.model_io import (
-    Inputs,
-    call_model,
-    logits_of,
-    per_sample,
-    positional_arguments,
+from lightning_shapley.model_io import Inputs, call_model, logits_of, per_sample
+from lightning_shapley.shapley.capture import (
+    FOLDABLE_CONVS,
+    ExportCapture,
+    SymbolicCapture,
+    UnsplittableModelError,
 )
 
 ReadOutput = Callable[[object], Tensor]
-
-
-class UnsplittableModelError(RuntimeError):
-    """The model cannot be cut at the masked module; :class:`FullForward` still works."""
 
 
 def _tensors(value: object) -> Iterator[Tensor]:
@@ -164,80 +160,6 @@ class FullForward:
 
 # --------------------------------------------------------------------------- split engine
 
-# Channel-wise operations that map a zero channel to a zero channel: masking commutes with
-# them, so the mask can move past them to the next convolution or linear layer.
-CHANNELWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardtanh, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
-_CHANNELWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh,
-    torch.relu, torch.tanh, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
-    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-}  # fmt: skip
-_CHANNELWISE_METHODS = {"relu", "relu_", "tanh", "contiguous"}
-_FOLDABLE_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """``flatten(x, 1)`` in any spelling: keeps the batch, merges channels with the rest."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
-    start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
-    end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
-    is_flatten = (node.op == "call_function" and node.target is torch.flatten) or (
-        node.op == "call_method" and node.target == "flatten"
-    )
-    return is_flatten and start == 1 and end == -1
-
-
-def _is_channelwise(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), CHANNELWISE_MODULES)
-    if node.op == "call_function":
-        return node.target in _CHANNELWISE_FUNCTIONS
-    return node.op == "call_method" and node.target in _CHANNELWISE_METHODS
-
-
-def _is_foldable(module: nn.Module) -> bool:
-    """A plain linear layer or dense convolution without hooks.
-
-    The folded head calls the layer's functional form, so subclasses (which may override
-    ``forward``) and layers with hooks must run as they are.
-    """
-    if module._forward_hooks or module._forward_pre_hooks:
-        return False
-    if type(module) is nn.Linear:
-        return True
-    return type(module) in _FOLDABLE_CONVS and module.groups == 1 and module.padding_mode == "zeros"
-
-
-def _fold_target(gm: fx.GraphModule, mask_node: fx.Node) -> tuple[fx.Node, nn.Module] | None:
-    """The convolution or linear layer the mask can be folded into, if the path allows."""
-    node, flattened = mask_node, False
-    while len(node.users) == 1:
-        (user,) = node.users
-        if user.all_input_nodes != [node] or user.args[0] is not node:
-            return None
-        module = gm.get_submodule(user.target) if user.op == "call_module" else None
-        if (
-            module is not None
-            and _is_foldable(module)
-            and (type(module) is nn.Linear or not flattened)
-        ):
-            return user, module
-        if _is_flatten(gm, user) and not flattened:
-            flattened = True
-        elif not _is_channelwise(gm, user):
-            return None
-        node = user
-    return None
-
 
 class _MultiplyHead:
     """Masks a cached activation: ``[B, ...]`` times ``k`` masks gives ``[B * k, ...]``."""
@@ -313,23 +235,27 @@ class SplitForward:
         inputs: Sequence[Inputs],
         fold: bool = True,
         read_output: ReadOutput = logits_of,
+        capture: str = "fx",
     ) -> None:
         self._n_channels = n_channels
         self._read_output = read_output
-        if any(positional_arguments(x) is None for x in inputs):
-            raise UnsplittableModelError("the model is called with keyword arguments")
         self._channel_dim = channel_dim
+        self._model = model
         names = [mask_names] if isinstance(mask_names, str) else list(dict.fromkeys(mask_names))
-        try:
-            gm = fx.symbolic_trace(model)
-        except Exception as error:  # tracing fails in many ways on dynamic code
-            raise UnsplittableModelError(f"torch.fx cannot trace the model: {error}") from error
-        mask_nodes = [_called_once(gm, name) for name in names]
-        #: Whether the graph reads tensors of the model directly (``get_attr``): its copies
-        #: of them go stale when the model's weights change, so it cannot be recached.
-        self.reads_attributes = any(node.op == "get_attr" for node in gm.graph.nodes)
+        self._capture = (
+            SymbolicCapture(model) if capture == "fx" else ExportCapture(model, inputs[0])
+        )
+        gm = self._capture.graph_module
+        mask_nodes = [self._capture.module_output(name) for name in names]
+        #: Whether the graph holds copies of the model's tensors (``fx``'s ``get_attr``):
+        #: they go stale when the model's weights change, so it must be traced anew.
+        self.reads_attributes = self._capture.reads_attributes
         single = len(mask_nodes) == 1
-        target = _fold_target(gm, mask_nodes[0]) if fold and single and channel_dim == 1 else None
+        target = (
+            self._capture.fold_target(mask_nodes[0])
+            if fold and single and channel_dim == 1
+            else None
+        )
         head: _FoldedHead | _MultiplyHead | None = None
         if target is not None:
             consumer, layer = target
@@ -342,7 +268,8 @@ class SplitForward:
             self._cut(gm, cuts, cuts, inside, inputs)
             head = _MultiplyHead(channel_dim)
         self._head = head
-        self.name = "split" if isinstance(head, _MultiplyHead) else "split+fold"
+        folded = "" if isinstance(head, _MultiplyHead) else "+fold"
+        self.name = f"{self._capture.name}{folded}"
 
     def _cut(
         self,
@@ -365,7 +292,13 @@ class SplitForward:
             ) from error
 
     def recache(self) -> None:
-        """Runs the upstream part again on every batch: the model's weights or masks changed."""
+        """Runs the upstream part again on every batch: the model's weights or masks changed.
+
+        A graph that reads the model's tensors by name is rebuilt from the model first.
+        """
+        if self._capture.rebuilds:
+            self._prefix = fx.GraphModule(self._model, self._prefix.graph)
+            self._suffix = fx.GraphModule(self._model, self._suffix.graph)
         self._cache = [self._cached(x) for x in self._inputs]
 
     def release(self) -> None:
@@ -434,21 +367,24 @@ class SplitForward:
         self._suffix = fx.GraphModule(gm, suffix)
 
     def _cached(self, inputs: Inputs) -> tuple[list[Tensor], list[object]]:
-        values = self._prefix(*positional_arguments(inputs))
+        values = self._prefix(*self._capture.arguments(inputs))
         n_heads = len(values) - len(self._repeat)
         head_inputs, boundary = list(values[:n_heads]), list(values[n_heads:])
         for value, repeat in zip(boundary, self._repeat, strict=True):
-            if repeat and not (isinstance(value, Tensor) and value.shape[:1] == (len(inputs),)):
+            batched = isinstance(value, Tensor) and value.shape[:1] == (len(inputs),)
+            # A size read off the batch (torch.export's sym_size: B, B * T) scales with it.
+            size = isinstance(value, int) and value % len(inputs) == 0
+            if repeat and not (batched or size):
                 raise UnsplittableModelError(
-                    "a value crossing the cut depends on the batch but is not a tensor with "
-                    f"the batch as its first dimension: {type(value).__name__}"
+                    "a value crossing the cut depends on the batch but is neither a tensor "
+                    f"with the batch as its first dimension nor a size: {type(value).__name__}"
                 )
         return head_inputs, boundary
 
     def _folded_head(self, layer: nn.Module) -> _FoldedHead | None:
         """The head that folds the mask into ``layer``, if its cached input maps to channels."""
         (head_input,) = self._cache[0][0]
-        if isinstance(layer, _FOLDABLE_CONVS):
+        if isinstance(layer, FOLDABLE_CONVS):
             return _FoldedHead(layer, 1) if head_input.shape[1] == self._n_channels else None
         per_channel, remainder = divmod(head_input.shape[-1], self._n_channels)
         return None if head_input.ndim != 2 or remainder else _FoldedHead(layer, per_channel)
@@ -466,7 +402,7 @@ class SplitForward:
         head_inputs, boundary = self._cache[batch]
         k = len(masks)
         cached = [
-            value.repeat_interleave(k, 0) if repeat else value
+            _stacked(value, k) if repeat else value
             for value, repeat in zip(boundary, self._repeat, strict=True)
         ]
         heads = [self._head(head_input, masks) for head_input in head_inputs]
@@ -474,14 +410,16 @@ class SplitForward:
         return _to_coalition_major(output, len(head_inputs[0]), k)
 
 
-def _called_once(gm: fx.GraphModule, name: str) -> fx.Node:
-    """The one node of the traced graph that calls the module ``name``."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-    if len(nodes) != 1:
-        raise UnsplittableModelError(
-            f"the traced graph calls {name!r} {len(nodes)} times, not once"
-        )
-    return nodes[0]
+def _stacked(value: Tensor | int, k: int) -> Tensor | int:
+    """A batch-dependent value for ``k`` coalitions stacked sample-major.
+
+    A tensor gets each sample ``k`` times in a row; a size gets ``k`` times larger.
+
+    A size is taken to grow with the batch in proportion (``B``, ``B * T``); the game
+    checks that stacked coalitions score as single ones, and runs them one at a time
+    where they do not.
+    """
+    return value * k if isinstance(value, int) else value.repeat_interleave(k, 0)
 
 
 def _descendants(node: fx.Node) -> set[fx.Node]:

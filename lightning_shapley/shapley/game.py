@@ -24,12 +24,8 @@ from lightning_shapley.checks import check_int, is_int
 from lightning_shapley.layers import NORM_TYPES, Unit, kind_of
 from lightning_shapley.model_io import Inputs, as_model_inputs, call_model
 from lightning_shapley.shapley.allocator import retain_freed_memory
-from lightning_shapley.shapley.engines import (
-    CHANNELWISE_MODULES,
-    FullForward,
-    SplitForward,
-    UnsplittableModelError,
-)
+from lightning_shapley.shapley.capture import CHANNELWISE_MODULES, UnsplittableModelError
+from lightning_shapley.shapley.engines import FullForward, SplitForward
 from lightning_shapley.shapley.values import (
     Batch,
     ValueFunction,
@@ -38,7 +34,15 @@ from lightning_shapley.shapley.values import (
     scoring_mode,
 )
 
-ENGINES = ("auto", "split+fold", "split", "full")
+ENGINES = ("auto", "split+fold", "split", "export", "full")
+# The graph captures each engine setting tries, in order, before the full engine.
+_CAPTURES = {
+    "auto": ("fx", "export"),
+    "split+fold": ("fx",),
+    "split": ("fx",),
+    "export": ("export",),
+    "full": (),
+}
 
 #: Activation memory one batch of coalitions may take, by device type.
 DEFAULT_MEMORY_BUDGET = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
@@ -70,9 +74,11 @@ class ChannelGame:
         engine: how coalitions are evaluated. ``"split"`` caches what lies upstream of
             the masks (``torch.fx``) and runs only the rest per coalition; ``"split+fold"``
             also folds the mask into the next convolution or linear layer (a single mask
-            point only), so a batch of coalitions is one large matrix product; ``"full"``
-            replays the whole model per coalition. ``"auto"`` (the default) takes the first
-            of these the model allows.
+            point only), so a batch of coalitions is one large matrix product;
+            ``"export"`` does both on a graph captured by ``torch.export``, for models
+            ``torch.fx`` cannot trace; ``"full"`` replays the whole model per coalition.
+            ``"auto"`` (the default) takes the first of ``split+fold``, ``export`` and
+            ``full`` the model allows (see :mod:`~lightning_shapley.shapley.capture`).
         memory_budget: activation bytes one batch of coalitions may take; defaults by
             device (:data:`DEFAULT_MEMORY_BUDGET`).
         coalitions_per_forward: fix the number of coalitions per forward pass instead.
@@ -293,7 +299,7 @@ class ChannelGame:
         return self.mask_module_names[0]
 
     def _make_engine(self, engine: str, inputs: list[Inputs]) -> SplitForward | FullForward:
-        if engine != "full":
+        for capture in _CAPTURES[engine]:
             try:
                 split = SplitForward(
                     self.model,
@@ -303,14 +309,15 @@ class ChannelGame:
                     inputs,
                     fold=engine != "split",
                     read_output=self.value_function.logits,
+                    capture=capture,
                 )
             except UnsplittableModelError:
                 if engine != "auto":
                     raise
-            else:
-                if engine == "split+fold" and split.name != engine:
-                    raise UnsplittableModelError(f"engine='split+fold': {self._why_not_folded()}")
-                return split
+                continue
+            if engine == "split+fold" and split.name != engine:
+                raise UnsplittableModelError(f"engine='split+fold': {self._why_not_folded()}")
+            return split
         mask_modules = [self.model.get_submodule(name) for name in self.mask_module_names]
         return FullForward(
             self.model, mask_modules, self.channel_dim, inputs, self.value_function.logits
@@ -329,7 +336,10 @@ class ChannelGame:
 
     @property
     def engine(self) -> str:
-        """Which engine evaluates coalitions: ``"split+fold"``, ``"split"`` or ``"full"``."""
+        """Which engine evaluates coalitions.
+
+        ``"split+fold"``, ``"split"``, ``"export+fold"``, ``"export"`` or ``"full"``.
+        """
         return self._forward.name
 
     @property
