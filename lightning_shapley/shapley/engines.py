@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_shapley.model_io import Inputs, call_model, logits_of, per_sample
 from lightning_shapley.shapley.capture import (
@@ -51,26 +52,30 @@ def _tensors(value: object) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
-def activation_bytes(module: nn.Module, run: Callable[[], Tensor]) -> int:
-    """Bytes of every leaf module's output (and the result) during ``run()``.
+class _OutputBytes(TorchDispatchMode):
+    """Adds up the bytes of every tensor an operation returns (views excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not getattr(func, "is_view", False):
+            self.total += sum(t.numel() * t.element_size() for t in _tensors(out))
+        return out
+
+
+def activation_bytes(run: Callable[[], object]) -> int:
+    """Bytes of every tensor the operations of ``run()`` return, views excluded.
 
     An upper bound of the activation memory of one forward pass, used to size batches of
-    coalitions to a memory budget.
+    coalitions to a memory budget; counted per operation, it holds alike for a module, an
+    fx graph of modules and one of ATen operations (torch.export's).
     """
-    total = 0
-
-    def count(_module: nn.Module, _inputs: object, output: object) -> None:
-        nonlocal total
-        total += sum(t.numel() * t.element_size() for t in _tensors(output))
-
-    leaves = [m for m in module.modules() if next(m.children(), None) is None]
-    handles = [leaf.register_forward_hook(count) for leaf in leaves]
-    try:
-        result = run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total + result.numel() * result.element_size()
+    with _OutputBytes() as counter:
+        run()
+    return counter.total
 
 
 def _mask_view(masks: Tensor, ndim: int, channel_dim: int) -> Tensor:
@@ -137,9 +142,7 @@ class FullForward:
     def bytes_per_coalition(self) -> int:
         """Activation bytes of one coalition on the largest batch."""
         largest = max(self._inputs, key=len)
-        return activation_bytes(
-            self._model, lambda: self._read_output(call_model(self._model, largest))
-        )
+        return activation_bytes(lambda: call_model(self._model, largest))
 
     def __call__(self, masks: Tensor, batch: int) -> Tensor:
         """Logits ``[k, B, ...]`` of batch ``batch`` under each of the ``k`` channel masks."""
@@ -393,7 +396,7 @@ class SplitForward:
         """Activation bytes of the downstream part for one coalition on the largest batch."""
         largest = max(range(len(self._cache)), key=lambda b: len(self._cache[b][0][0]))
         probe = torch.ones(1, self._n_channels, device=self._cache[largest][0][0].device)
-        return activation_bytes(self._suffix, lambda: self(probe, largest))
+        return activation_bytes(lambda: self(probe, largest))
 
     def __call__(self, masks: Tensor, batch: int) -> Tensor:
         """Logits ``[k, B, ...]`` of batch ``batch`` under each of the ``k`` channel masks."""
