@@ -542,9 +542,9 @@ def same_computation(a: Method, b: Method, units: list, seed: int) -> bool:
     first, second = a.make_scorer(seed), b.make_scorer(seed)
     if not (isinstance(first, ShapleyScorer) and isinstance(second, ShapleyScorer)):
         return False
-    settings = ("value", "weighting", "depth", "method", "options")
+    settings = ("value_function", "weighting", "estimator")
     if any(getattr(first, key) != getattr(second, key) for key in settings) or (
-        first.method != "exact"
+        first.estimator.method != "exact"
         or a.interleave != b.interleave
         or a.recalibrate_each_turn != b.recalibrate_each_turn
     ):
