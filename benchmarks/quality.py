@@ -21,9 +21,10 @@ here), each measured twice: pruning the MLP neurons (``*-mlp``) and pruning the 
 heads (``*-heads``), at 25 and 50%, with the default, classic Shapley, L1, Taylor and
 random scorers:
 
-- ``bert-*``: a 2-layer, 8-head BERT-style encoder on generated token sequences whose
-  class is the marker token that occurs most often;
-- ``vit-*``: a 2-layer, 8-head ViT on the digits, 2x2 patches.
+- ``bert-*``: a 2-layer, 4-head BERT-style encoder (32 MLP neurons a layer) on
+  generated token sequences whose class is the marker token that occurs most often, by
+  a margin of one;
+- ``vit-*``: a 2-layer, 8-head ViT (64 MLP neurons a layer) on the digits, 2x2 patches.
 
 Scorers: ``shapley`` with the callback's default settings; the classic Shapley value (50
 permutations, value -loss, one ranking); L1 filter norm; BatchNorm ``|gamma|``;
@@ -99,7 +100,10 @@ class Task:
 
     def units(self, model: nn.Module) -> list[PrunableUnit]:
         found = find_units(model, self.score[0][:2])
-        return [u for u in found if self.unit_filter is None or self.unit_filter(model, u)]
+        chosen = [u for u in found if self.unit_filter is None or self.unit_filter(model, u)]
+        if not chosen:
+            raise SystemExit(f"{self.name}: no unit to prune among {[u.name for u in found]}")
+        return chosen
 
 
 @dataclass
@@ -213,8 +217,8 @@ class BertClassifier(nn.Module):
         from transformers import BertConfig, BertForSequenceClassification
 
         config = BertConfig(
-            vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-            intermediate_size=128, max_position_embeddings=32, num_labels=classes,
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=32, max_position_embeddings=32, num_labels=classes,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
         self.model = BertForSequenceClassification(config)
@@ -232,7 +236,7 @@ class DigitsViT(nn.Module):
 
         config = ViTConfig(
             image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2,
-            num_attention_heads=8, intermediate_size=128, num_labels=10,
+            num_attention_heads=8, intermediate_size=64, num_labels=10,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
         self.model = ViTForImageClassification(config)
@@ -242,12 +246,13 @@ class DigitsViT(nn.Module):
 
 
 def marker_splits(
-    length: int = 16, vocab: int = 24, train: int = 2000, score: int = 200, test: int = 800
+    length: int = 20, vocab: int = 24, train: int = 2000, score: int = 200, test: int = 800
 ):
     """Token sequences whose class is the marker token (1 to 4) that occurs most often.
 
-    The winning marker occurs 3 or 4 times, each other one 0 to 2 times, at random
-    places among filler tokens; counting across the sequence is the task.
+    The other markers occur 0 to 3 times each, the winning one exactly once more than the
+    most frequent of them, at random places among filler tokens: the model must count
+    across the sequence, and a margin of one leaves it no slack.
     """
     generator = torch.Generator().manual_seed(1234)
     n = train + score + test
@@ -255,13 +260,10 @@ def marker_splits(
     labels = torch.randint(0, 4, (n,), generator=generator)
     for index in range(n):
         places = torch.randperm(length, generator=generator).tolist()
-        for marker in range(4):
-            high = marker == labels[index]
-            count = (
-                int(torch.randint(3, 5, (1,), generator=generator))
-                if high
-                else int(torch.randint(0, 3, (1,), generator=generator))
-            )
+        counts = torch.randint(0, 4, (4,), generator=generator)
+        label = int(labels[index])
+        counts[label] = max(int(c) for marker, c in enumerate(counts) if marker != label) + 1
+        for marker, count in enumerate(counts.tolist()):
             for _ in range(count):
                 ids[index, places.pop()] = marker + 1
     return (
@@ -277,8 +279,8 @@ def is_heads(model: nn.Module, unit: PrunableUnit) -> bool:
 
 
 def is_mlp(model: nn.Module, unit: PrunableUnit) -> bool:
-    """A transformer MLP's intermediate neurons."""
-    return unit.name.endswith("intermediate.dense")
+    """A transformer MLP's intermediate neurons: every unit but the heads and BERT's pooler."""
+    return not is_heads(model, unit) and "pooler" not in unit.name
 
 
 TRANSFORMER_METHODS = ("shapley (default)", "classic shapley", "l1", "taylor", "random")

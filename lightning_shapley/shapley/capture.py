@@ -18,7 +18,6 @@ captures give them:
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Iterator
 
@@ -96,6 +95,10 @@ class _Capture:
 
     def module_output(self, name: str) -> fx.Node:
         """The one node whose value is the output of the module ``name``."""
+        raise NotImplementedError
+
+    def rebuild(self, graph: fx.Graph) -> fx.GraphModule:
+        """``graph`` as a module reading the model's tensors now (when :attr:`rebuilds`)."""
         raise NotImplementedError
 
     def _layer(self, node: fx.Node) -> nn.Module | None:
@@ -216,27 +219,24 @@ class ExportCapture(_Capture):
     reads_attributes = False
 
     def __init__(self, model: nn.Module, inputs: Inputs) -> None:
-        self._model = model
         args, kwargs = _args_and_kwargs(inputs)
         leaves = _pytree.tree_leaves((args, kwargs))
         if not all(isinstance(leaf, Tensor) and leaf.ndim > 0 for leaf in leaves):
             raise UnsplittableModelError("the model's inputs hold values other than batch tensors")
-        twice = inputs.repeat_interleave(2, 0)
-        args, kwargs = _args_and_kwargs(twice)
+        # Exported through a wrapper that takes (args, kwargs) as two arguments: its dynamic
+        # shapes can be given positionally, whatever the forward's own signature is
+        # (torch.export refuses them for a forward(**inputs)).
+        self._root = _Call(model)
+        args, kwargs = _args_and_kwargs(inputs.repeat_interleave(2, 0))
         batch = torch.export.Dim("batch")
+        dynamic = _pytree.tree_map(lambda _leaf: {0: batch}, (args, kwargs))
         try:
-            # torch.export takes the dynamic dimensions by the forward's parameter names.
-            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-            dynamic = {
-                name: _pytree.tree_map(lambda _leaf: {0: batch}, value)
-                for name, value in bound.items()
-            }
             with warnings.catch_warnings():
                 # torch.nn.utils.prune sets each masked weight as a plain attribute in a
                 # forward pre-hook; the graph computes it from <name>_orig and <name>_mask.
                 warnings.filterwarnings("ignore", "The tensor attributes .* during export")
                 program = torch.export.export(
-                    model, args, kwargs, dynamic_shapes=dynamic, strict=False
+                    self._root, (args, kwargs), dynamic_shapes=dynamic, strict=False
                 )
         except Exception as error:  # export refuses in many ways; none is the user's bug
             raise UnsplittableModelError(
@@ -247,7 +247,11 @@ class ExportCapture(_Capture):
             if node.op == "call_module" and not node.users:
                 graph.erase_node(node)
         graph.lint()
-        self.graph_module = fx.GraphModule(model, graph)
+        self.graph_module = self.rebuild(graph)
+
+    def rebuild(self, graph: fx.Graph) -> fx.GraphModule:
+        """``graph`` as a module reading the live model's tensors by their names."""
+        return fx.GraphModule(self._root, graph)
 
     @override
     def arguments(self, inputs: Inputs) -> tuple[Tensor, ...]:
@@ -255,7 +259,8 @@ class ExportCapture(_Capture):
 
     @override
     def module_output(self, name: str) -> fx.Node:
-        inside = [n for n in self.graph_module.graph.nodes if name in _module_paths(n)]
+        path = f"{_Call.PREFIX}{name}"
+        inside = [n for n in self.graph_module.graph.nodes if path in _module_paths(n)]
         members = set(inside)
         outputs = [n for n in inside if any(user not in members for user in n.users)]
         if len(outputs) != 1:
@@ -277,7 +282,7 @@ class ExportCapture(_Capture):
             and weight.target == f"{path}.weight"
         ):
             return None
-        module = self._model.get_submodule(path)
+        module = self._root.get_submodule(path)
         return module if is_foldable(module) else None
 
     @override
@@ -289,6 +294,20 @@ class ExportCapture(_Capture):
         if node.op != "call_function" or node.target is not _aten.flatten.using_ints:
             return False
         return tuple(node.args[1:]) in ((1,), (1, -1))
+
+
+class _Call(nn.Module):
+    """Calls ``model(*args, **kwargs)``: what torch.export captures."""
+
+    #: What the model's module names are prefixed with in the captured graph.
+    PREFIX = "model."
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, args: tuple, kwargs: dict) -> object:
+        return self.model(*args, **kwargs)
 
 
 def _args_and_kwargs(inputs: Inputs) -> tuple[tuple, dict]:

@@ -243,7 +243,6 @@ class SplitForward:
         self._n_channels = n_channels
         self._read_output = read_output
         self._channel_dim = channel_dim
-        self._model = model
         names = [mask_names] if isinstance(mask_names, str) else list(dict.fromkeys(mask_names))
         self._capture = (
             SymbolicCapture(model) if capture == "fx" else ExportCapture(model, inputs[0])
@@ -300,8 +299,8 @@ class SplitForward:
         A graph that reads the model's tensors by name is rebuilt from the model first.
         """
         if self._capture.rebuilds:
-            self._prefix = fx.GraphModule(self._model, self._prefix.graph)
-            self._suffix = fx.GraphModule(self._model, self._suffix.graph)
+            self._prefix = self._capture.rebuild(self._prefix.graph)
+            self._suffix = self._capture.rebuild(self._suffix.graph)
         self._cache = [self._cached(x) for x in self._inputs]
 
     def release(self) -> None:
