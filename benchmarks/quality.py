@@ -301,9 +301,9 @@ def tasks(quick: bool) -> list[Task]:
         Task("digits-cnn", DigitsCNN, *splits, epochs=15),
         Task("digits-resnet", ResidualCNN, *splits, epochs=15),
         Task("signals-cnn", SignalCNN, *signal_splits(), epochs=20),
-        Task("bert-mlp", BertClassifier, *markers, epochs=20, unit_filter=is_mlp, **transformer),
+        Task("bert-mlp", BertClassifier, *markers, epochs=10, unit_filter=is_mlp, **transformer),
         Task(
-            "bert-heads", BertClassifier, *markers, epochs=20, unit_filter=is_heads, **transformer
+            "bert-heads", BertClassifier, *markers, epochs=10, unit_filter=is_heads, **transformer
         ),
         Task("vit-mlp", DigitsViT, *images, epochs=20, unit_filter=is_mlp, **transformer),
         Task("vit-heads", DigitsViT, *images, epochs=20, unit_filter=is_heads, **transformer),
