@@ -2,9 +2,9 @@
 
 The callback decides *when* (its schedule) and *what* (units, scoring data, settings);
 how channels are valued and removed is :mod:`~lightning_shapley.pruning`'s and
-:mod:`~lightning_shapley.shapley`'s. It is longer than 500 lines because about 90 of
-them are the argument reference in the class docstring; the rest are the hooks and their
-decisions.
+:mod:`~lightning_shapley.shapley`'s. It is about 650 lines long because about 100 of
+them are the argument reference in the class docstring; the rest are the hooks, the
+checks at set-up and their decisions.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ shapes:
   :func:`call_model` calls the model with them.
 * :func:`logits_of` finds the logits in an output; :func:`align_targets` lines logits
   up with their targets (classes on dim 1 or last, per-token outputs flattened or not).
+* :func:`eager` shows a model with its ``torch.compile``d submodules as their originals.
 """
 
 from __future__ import annotations
@@ -83,10 +84,6 @@ class ModelInputs:
             raise ValueError(f"dim={dim}: model inputs repeat along the batch dimension only")
         return self._map(lambda t: t.repeat_interleave(repeats, 0))
 
-    def __getitem__(self, index: slice) -> ModelInputs:
-        """The samples ``index`` selects, in every batch tensor."""
-        return self._map(lambda t: t[index])
-
 
 Inputs = Tensor | ModelInputs
 
@@ -129,13 +126,6 @@ def call_model(model: nn.Module, inputs: Inputs) -> Any:
     if isinstance(inputs, ModelInputs):
         return model(*inputs.args, **inputs.kwargs)
     return model(inputs)
-
-
-def positional_arguments(inputs: Inputs) -> tuple[Any, ...] | None:
-    """The inputs as positional arguments only, or ``None`` when they have keywords."""
-    if isinstance(inputs, Tensor):
-        return (inputs,)
-    return None if inputs.kwargs else inputs.args
 
 
 @contextlib.contextmanager
