@@ -18,6 +18,9 @@ captures give them:
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import warnings
 from collections.abc import Iterator
 
@@ -231,7 +234,11 @@ class ExportCapture(_Capture):
         batch = torch.export.Dim("batch")
         dynamic = _pytree.tree_map(lambda _leaf: {0: batch}, (args, kwargs))
         try:
-            with warnings.catch_warnings():
+            with (
+                warnings.catch_warnings(),
+                _quiet(_EXPORT_LOGGERS),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 # torch.nn.utils.prune sets each masked weight as a plain attribute in a
                 # forward pre-hook; the graph computes it from <name>_orig and <name>_mask.
                 warnings.filterwarnings("ignore", "The tensor attributes .* during export")
@@ -294,6 +301,25 @@ class ExportCapture(_Capture):
         if node.op != "call_function" or node.target is not _aten.flatten.using_ints:
             return False
         return tuple(node.args[1:]) in ((1,), (1, -1))
+
+
+# torch.export logs and prints whole graphs when it gives up; giving up here only means
+# the next engine is tried, and the reason travels in the UnsplittableModelError.
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """Only errors from these loggers for the length of the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 class _Call(nn.Module):
