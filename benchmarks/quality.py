@@ -476,7 +476,8 @@ def markdown(summary: list[dict], dense: dict[str, list[float]]) -> str:
             + " / ".join(f"{100 * s:g}%" for s in sparsities)
             + "; value evaluations and seconds spent scoring to reach the highest sparsity.",
             "",
-            "| scorer | one-shot (BatchNorm re-estimated) | after a 3-epoch fine-tune "
+            "| scorer | one-shot (BatchNorm statistics re-estimated, where there are any) "
+            "| after a 3-epoch fine-tune "
             "| evaluations | seconds |",
             "| --- | --- | --- | --- | --- |",
         ]
