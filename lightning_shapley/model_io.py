@@ -147,18 +147,30 @@ def eager(model: nn.Module) -> Iterator[None]:
         >>> type(net[0]).__name__
         'OptimizedModule'
     """
-    swapped = []
-    compiled = True
-    while compiled:  # a compiled module may hold another
-        compiled = [
-            (parent, name, child)
-            for parent in model.modules()
-            for name, child in parent.named_children()
-            if isinstance(child, OptimizedModule)
-        ]
-        for parent, name, child in compiled:
-            setattr(parent, name, child._orig_mod)
-        swapped += compiled
+    with children_replaced(model, OptimizedModule, lambda compiled: compiled._orig_mod):
+        yield
+
+
+@contextlib.contextmanager
+def children_replaced(
+    model: nn.Module, kind: type[nn.Module], replacement: Callable[[nn.Module], nn.Module]
+) -> Iterator[None]:
+    """Within the block, every submodule of ``kind`` is ``replacement(submodule)``.
+
+    Replacements that hold modules of ``kind`` themselves (a compiled module inside a
+    compiled one) are replaced in turn. The originals are put back afterwards, also on an
+    error.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    while found := [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, kind)
+    ]:
+        for parent, name, child in found:
+            setattr(parent, name, replacement(child))
+        swapped += found
     try:
         yield
     finally:

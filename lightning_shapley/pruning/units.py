@@ -59,6 +59,7 @@ from lightning_shapley.model_io import (
     Inputs,
     as_model_inputs,
     call_model,
+    children_replaced,
     eager,
     output_tensors,
 )
@@ -387,19 +388,8 @@ def without_metrics(model: nn.Module) -> Iterator[None]:
     so one metric held by a LightningModule would match every layer and hide the whole
     model from the trace. Metrics hold no channels and take no part in the forward.
     """
-    removed = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, Metric)
-    ]
-    for parent, name, _ in removed:
-        setattr(parent, name, nn.Module())
-    try:
+    with children_replaced(model, Metric, lambda _metric: nn.Module()):
         yield
-    finally:
-        for parent, name, child in removed:
-            setattr(parent, name, child)
 
 
 def traceable_copy(model: nn.Module) -> nn.Module:
