@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch_pruning as tp
-from torch import nn
+from torch import Tensor, nn
 
 #: The roles a layer plays in a unit.
 PRODUCER, NORM = "producer", "norm"
@@ -40,6 +40,44 @@ class Unit(Protocol):
     batchnorms: tuple[str, ...]
     consumers: tuple[str, ...]
     n_channels: int
+
+
+def copies_of(unit: Unit) -> int:
+    """How many copies of the unit's channels its producers hold (see :func:`spread`).
+
+    1 unless the unit says otherwise: a packed query/key/value projection holds 3.
+    """
+    return getattr(unit, "copies", 1)
+
+
+def spread(channels: Tensor, size: int, copies: int = 1) -> Tensor:
+    """Per-channel values (last axis) spread over the ``size`` entries that hold the channels.
+
+    The entries are ``copies`` consecutive copies of the channels (a packed query/key/value
+    projection holds 3), and in each a channel is a block of consecutive entries (a
+    GroupNorm's group, an attention head; one entry for a plain channel).
+
+    Example:
+        >>> import torch
+        >>> spread(torch.tensor([1, 0]), 8, copies=2)
+        tensor([1, 1, 0, 0, 1, 1, 0, 0])
+    """
+    width = size // (copies * channels.shape[-1])
+    return channels.repeat_interleave(width, -1).repeat(*(1,) * (channels.ndim - 1), copies)
+
+
+def by_channel(entries: Tensor, n_channels: int, copies: int = 1) -> Tensor:
+    """``entries`` as ``[n_channels, -1]``: every value of one channel in its row.
+
+    The channels' entries are on dim 0, laid out as :func:`spread` says.
+
+    Example:
+        >>> import torch
+        >>> by_channel(torch.arange(8), 2, copies=2)
+        tensor([[0, 1, 4, 5],
+                [2, 3, 6, 7]])
+    """
+    return entries.reshape(copies, n_channels, -1).transpose(0, 1).reshape(n_channels, -1)
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,23 @@ def output_tensors(output: object) -> list[Tensor]:
     return [tensor for item in items for tensor in output_tensors(item)]
 
 
+def kept_outputs(output: object) -> list[Tensor]:
+    """The tensors of a forward's result that pruning must leave as they are.
+
+    An output with ``logits`` (a Hugging Face ``ModelOutput``, a mapping) keeps its logits
+    alone: its caches of keys and values, hidden states and attention maps are by-products
+    whose shapes follow the widths being pruned. Any other output keeps all its tensors.
+
+    Example:
+        >>> out = {"logits": torch.zeros(2), "past_key_values": (torch.zeros(3),)}
+        >>> [tuple(t.shape) for t in kept_outputs(out)]
+        [(2,)]
+    """
+    logits = output.get("logits") if isinstance(output, Mapping) else None
+    logits = getattr(output, "logits", logits)
+    return [logits] if isinstance(logits, Tensor) else output_tensors(output)
+
+
 def per_sample(logits: Tensor, batch_size: int) -> Tensor:
     """``[B * T, ...]`` per-token logits of ``B`` samples as ``[B, T, ...]``; others unchanged."""
     if logits.shape[0] == batch_size or logits.shape[0] % batch_size:

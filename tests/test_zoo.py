@@ -12,14 +12,15 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
-from zoo import ZOO, hf_bert
+from zoo import ZOO, TimmStyleViT, hf_bert, hf_gpt2
 
 from lightning_shapley import ShapleyPruning
 from lightning_shapley.export import compact
 from lightning_shapley.model_io import as_model_inputs, call_model, eager, logits_of
-from lightning_shapley.pruning.masking import pruned_channels
+from lightning_shapley.pruning.masking import prune_channels, pruned_channels
 from lightning_shapley.pruning.scorers import LeaveOneOutScorer, ShapleyScorer
 from lightning_shapley.pruning.units import find_units
+from lightning_shapley.shapley.game import ChannelGame
 
 AMOUNT = 0.5
 
@@ -98,6 +99,48 @@ def test_attention_heads_are_the_players_of_query_key_value() -> None:
     )
     assert attention.consumers == ("model.bert.encoder.layer.0.attention.output.dense",)
     assert units["model.bert.encoder.layer.0.intermediate.dense"].n_channels == 48
+
+
+def test_a_packed_qkv_projection_has_its_heads_as_players() -> None:
+    torch.manual_seed(0)
+    net, images = TimmStyleViT().eval(), torch.randn(8, 3, 16, 16)
+    batches = [(images, torch.randint(0, 4, (8,)))]
+    qkv = {unit.name: unit for unit in find_units(net, images)}["blocks.0.attn.qkv"]
+    assert (qkv.n_channels, qkv.copies, qkv.consumers) == (4, 3, ("blocks.0.attn.proj",))
+    game = ChannelGame.from_unit(net, qkv, batches)
+    without_each_head = game(~torch.eye(4, dtype=torch.bool))
+
+    head = torch.tensor([False, True, False, False])
+    prune_channels(net, qkv, head)
+    # Rows of q, k and v for each of the 4 heads of 8 features: head 1 is gone from all three.
+    rows = net.blocks[0].attn.qkv.weight.abs().sum(1).reshape(3, 4, 8)
+    assert (rows[:, 1] == 0).all() and (rows[:, [0, 2, 3]] > 0).all()
+    assert pruned_channels(net, qkv).tolist() == head.tolist()
+    assert torch.isclose(
+        without_each_head[1], game.value_function(net(images)[None], batches[0][1]).double()
+    )
+
+    small = compact(net, images)
+    attention = small.blocks[0].attn
+    assert attention.num_heads == 3 and attention.qkv.out_features == 72
+    assert attention.proj.in_features == 24
+    assert torch.allclose(small(images), net(images), atol=1e-5)
+
+
+def test_gpt2_heads_are_pruned_and_its_attention_told_the_new_width() -> None:
+    case = hf_gpt2()
+    model = case.module.model.eval()
+    batch = next(iter(case.val))
+    inputs = as_model_inputs({"input_ids": batch["input_ids"]})
+    units = {unit.name: unit for unit in find_units(model, inputs)}
+    heads = units["transformer.h.0.attn.c_attn"]
+    assert (heads.n_channels, heads.copies) == (4, 3)
+    prune_channels(model, heads, torch.tensor([True, False, False, True]))
+    small = compact(model, inputs)
+    attention = small.transformer.h[0].attn
+    assert (attention.num_heads, attention.split_size, attention.c_attn.nf) == (2, 16, 48)
+    expected = logits_of(call_model(model, inputs))
+    assert torch.allclose(logits_of(call_model(small, inputs)), expected, atol=1e-5)
 
 
 def test_band_one_values_equal_a_real_leave_one_out_when_tokens_equal_features() -> None:

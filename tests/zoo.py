@@ -1,10 +1,11 @@
 """Models shaped like the ones users train, written the way their projects write them.
 
 Tiny, randomly initialized, trained on data generated here: Hugging Face configs (BERT,
-ViT, GPT-2), Lightning's demo Transformer, torchvision-style ResNets and a
-MobileNetV2, a DenseNet-style concatenation, GroupNorm and LayerNorm nets, a layer
-scale, a GRU classifier, a sigmoid MLP and a ``torch.compile``d network. Each comes as
-a :class:`ZooCase`: the LightningModule, its loaders, and what the callback should do.
+ViT, GPT-2), Lightning's demo Transformer, timm-style ViTs (packed ``qkv``),
+torchvision-style ResNets and a MobileNetV2, a DenseNet-style concatenation, GroupNorm
+and LayerNorm nets, a layer scale, a GRU classifier, a sigmoid MLP and a
+``torch.compile``d network. Each comes as a :class:`ZooCase`: the LightningModule, its
+loaders, and what the callback should do.
 """
 
 from __future__ import annotations
@@ -186,8 +187,8 @@ def hf_gpt2() -> ZooCase:
     )  # fmt: skip
     ids, labels = _tokens()
     items = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels, strict=True)]
-    # Its MLP neurons are pruned. The packed q/k/v projection c_attn is not: its keys and
-    # values are returned (the cache), so it counts as an output layer.
+    # Its heads (the packed q/k/v projection c_attn) and MLP neurons are pruned; the cache
+    # of keys and values it returns is not an output that pruning must keep.
     return ZooCase(HuggingFaceModule(GPT2ForSequenceClassification(config)), *_dict_loaders(items))
 
 
@@ -353,6 +354,66 @@ class DenseNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class PackedAttention(nn.Module):
+    """timm's ``Attention``: one ``qkv`` layer makes queries, keys and values side by side.
+
+    As in torch-pruning's recipe for timm, the heads' widths are read from the tensors
+    (``-1``) rather than from the input's width, so that heads can be removed.
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, -1))
+
+
+class FixedWidthAttention(PackedAttention):
+    """timm's own code: the heads' widths are read from the input's width, ``C``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        x = F.scaled_dot_product_attention(*qkv.permute(2, 0, 3, 1, 4))
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attention: type[PackedAttention]) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = attention(dim, num_heads)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TimmStyleViT(nn.Module):
+    """Patch embedding, a learned position embedding and pre-norm blocks, as timm writes them."""
+
+    def __init__(
+        self, attention: type[PackedAttention] = PackedAttention, dim: int = 32, depth: int = 2
+    ) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 16, dim))
+        self.blocks = nn.Sequential(*(ViTBlock(dim, 4, attention) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
 # --------------------------------------------------------------------------- norms and others
 
 
@@ -436,6 +497,11 @@ ZOO: dict[str, Callable[[], ZooCase]] = {
     "resnet-bottleneck": _image_case(lambda: ResNet(Bottleneck)),
     "mobilenetv2": _image_case(MobileNetV2),
     "densenet": _image_case(DenseNet),
+    "timm-style-vit": _image_case(TimmStyleViT),
+    # Its forward fixes the heads' width: the dry run leaves them out, the MLPs are pruned.
+    "timm-vit-fixed-width": _image_case(
+        lambda: TimmStyleViT(FixedWidthAttention), left_out=("blocks.0.attn.qkv",)
+    ),
     "groupnorm-cnn": _image_case(groupnorm_cnn),
     "layernorm-mlp": _image_case(layernorm_mlp, refused="no prunable unit"),
     "layer-scale": _image_case(LayerScaleCNN, left_out=("pwconv2",)),

@@ -25,7 +25,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_shapley.export._outputs import mismatch
-from lightning_shapley.model_io import Inputs, call_model, output_tensors
+from lightning_shapley.layers import spread
+from lightning_shapley.model_io import Inputs, call_model, kept_outputs
 from lightning_shapley.pruning import masking, units
 from lightning_shapley.pruning.units import example_call, traceable_copy
 
@@ -91,12 +92,10 @@ def compact(model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | Inputs
 
     replica.eval()
     with torch.no_grad():
-        expected = call_model(replica, args)
+        expected = kept_outputs(call_model(replica, args))
     with units.torch_pruning_fixes(replica):
         _remove_pruned(replica, found, pruned, args, type(model).__name__)
-    with torch.no_grad():
-        actual = call_model(replica, args)
-    _check_outputs(expected, actual, type(model).__name__)
+    _check_outputs(expected, replica, args, type(model).__name__)
 
     for name, parameter in replica.named_parameters():
         parameter.requires_grad_(flags[name])
@@ -118,12 +117,38 @@ def _remove_pruned(
         channels = pruned[unit.name]
         if not channels.any():
             continue
-        producer = model.get_submodule(unit.producers[0])
-        pruner = graph.get_pruner_of_module(producer)
-        width = pruner.get_out_channels(producer) // unit.n_channels
-        idxs = channels.repeat_interleave(width).nonzero().flatten().tolist()
-        graph.get_pruning_group(producer, pruner.prune_out_channels, idxs=idxs).prune()
+        if unit.copies > 1:
+            _remove_packed(model, graph, unit, channels)
+        else:
+            producer = model.get_submodule(unit.producers[0])
+            pruner = graph.get_pruner_of_module(producer)
+            idxs = _indices(channels, pruner.get_out_channels(producer))
+            graph.get_pruning_group(producer, pruner.prune_out_channels, idxs=idxs).prune()
         _count_heads(model, unit, int(channels.sum()))
+
+
+def _remove_packed(
+    model: nn.Module, graph: tp.DependencyGraph, unit: units.PrunableUnit, channels: Tensor
+) -> None:
+    """Removes the heads of a packed query/key/value unit from its producer and its reader.
+
+    torch-pruning's group maps the values alone to the reader (see ``find_units``), so
+    each layer is cut by its own pruner instead.
+    """
+    for name in unit.producers:
+        producer = model.get_submodule(name)
+        pruner = graph.get_pruner_of_module(producer)
+        size = pruner.get_out_channels(producer)
+        pruner.prune_out_channels(producer, _indices(channels, size, unit.copies))
+    for name in unit.consumers:
+        consumer = model.get_submodule(name)
+        pruner = graph.get_pruner_of_module(consumer)
+        pruner.prune_in_channels(consumer, _indices(channels, pruner.get_in_channels(consumer)))
+
+
+def _indices(channels: Tensor, size: int, copies: int = 1) -> list[int]:
+    """The entries of the pruned ``channels`` among ``size`` (see ``layers.spread``)."""
+    return spread(channels, size, copies).nonzero().flatten().tolist()
 
 
 def _pruned(
@@ -150,7 +175,7 @@ def _pruned(
 def _dependency_graph(model: nn.Module, args: Inputs, model_name: str) -> tp.DependencyGraph:
     def forward(module: nn.Module, inputs: Inputs) -> object:
         # As given, not split into samples; the tensors alone, which torch-pruning can walk.
-        return output_tensors(call_model(module, inputs))
+        return kept_outputs(call_model(module, inputs))
 
     try:
         return units.dependency_graph(model, args, forward)
@@ -174,12 +199,28 @@ def _count_heads(model: nn.Module, unit: units.PrunableUnit, removed: int) -> No
         heads = getattr(attention, attribute, None)
         if isinstance(heads, int):
             setattr(attention, attribute, heads - removed)
-    size = getattr(attention, "all_head_size", None)
-    if isinstance(size, int):  # Hugging Face's width of all heads together
-        attention.all_head_size = size // unit.n_channels * (unit.n_channels - removed)
+    for attribute in _ALL_HEADS_WIDTH_ATTRIBUTES:
+        size = getattr(attention, attribute, None)
+        if isinstance(size, int):
+            setattr(attention, attribute, size // unit.n_channels * (unit.n_channels - removed))
 
 
-def _check_outputs(expected: object, actual: object, model_name: str) -> None:
+#: Attributes in which Hugging Face attention modules keep the width of all heads together
+#: (BERT and ViT, GPT-2).
+_ALL_HEADS_WIDTH_ATTRIBUTES = ("all_head_size", "split_size")
+
+
+def _check_outputs(expected: list[Tensor], model: nn.Module, args: Inputs, model_name: str) -> None:
+    try:
+        with torch.no_grad():
+            actual = kept_outputs(call_model(model, args))
+    except Exception as error:
+        # The model's forward may hard-code a width (a reshape to the input's width).
+        raise ValueError(
+            f"{model_name} fails to run once its pruned channels are removed "
+            f"({type(error).__name__}: {error}); its forward may fix a width that pruning "
+            "changes (a reshape to the input's width, say)"
+        ) from error
     problem = mismatch(expected, actual)
     if problem:
         raise ValueError(

@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from lightning_shapley.checks import is_int
-from lightning_shapley.layers import NORM, PRODUCER, Unit, kind_of
+from lightning_shapley.layers import NORM, PRODUCER, Unit, by_channel, copies_of, kind_of, spread
 
-# (module name, module, parameter name, channel dimension, entries per channel along it)
+# (module name, module, parameter name, channel dimension, copies of the channels along it)
 _Target = tuple[str, nn.Module, str, int, int]
 
 
@@ -188,8 +188,8 @@ def prune_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
             f"{int(before.sum())} pruned already, would prune all its {n} channels; "
             "a unit must keep at least one channel"
         )
-    for _, module, name, dim, width in targets:
-        ChannelMask.apply(module, name, pruned.repeat_interleave(width), dim)
+    for _, module, name, dim, copies in targets:
+        ChannelMask.apply(module, name, _target_entries(pruned, module, name, dim, copies), dim)
     _load_whole_or_nothing(model)
 
 
@@ -249,15 +249,15 @@ def set_pruned_channels(model: nn.Module, unit: Unit, pruned: Tensor) -> None:
                     "not a ChannelMask alone, and its zeros there cannot be told from ours; "
                     "call make_permanent first, or prune that parameter with ChannelMask only"
                 )
-    for _, module, name, dim, width in targets:
+    for _, module, name, dim, copies in targets:
         hook = _pruning_hook(module, name)[1]
-        revived_entries = revived.repeat_interleave(width)
+        revived_entries = _target_entries(revived, module, name, dim, copies)
         if revived.any() and hook is not None:  # a ChannelMask alone, checked above
             mask = module._buffers[name + "_mask"]
             with torch.no_grad():
                 mask.movedim(dim, 0)[revived_entries.to(mask.device)] = 1
             hook.pruned = hook.pruned & ~revived_entries
-        ChannelMask.apply(module, name, pruned.repeat_interleave(width), dim)
+        ChannelMask.apply(module, name, _target_entries(pruned, module, name, dim, copies), dim)
     _load_whole_or_nothing(model)
 
 
@@ -283,8 +283,8 @@ def channel_state(model: nn.Module, unit: Unit, channels: Tensor) -> dict[str, T
     tensors = _channel_tensors(model, unit)
     channels = _channel_flags(unit, channels, "channels")
     state = {}
-    for key, tensor, dim in tensors:
-        index = _entries(channels, tensor.shape[dim]).nonzero().flatten().to(tensor.device)
+    for key, tensor, dim, copies in tensors:
+        index = spread(channels, tensor.shape[dim], copies).nonzero().flatten().to(tensor.device)
         state[key] = tensor.detach().movedim(dim, 0)[index].cpu().clone()
     return state
 
@@ -311,16 +311,17 @@ def load_channel_state(
     """
     tensors = _channel_tensors(model, unit)
     channels = _channel_flags(unit, channels, "channels")
-    expected = {key for key, _, _ in tensors}
+    expected = {key for key, *_ in tensors}
     if set(state) != expected:
         raise ValueError(
             f"state holds {sorted(state)}, but unit {unit.name!r} has the tensors "
             f"{sorted(expected)}; pass what channel_state returned for this unit"
         )
     indices = [
-        _entries(channels, tensor.shape[dim]).nonzero().flatten() for _, tensor, dim in tensors
+        spread(channels, tensor.shape[dim], copies).nonzero().flatten()
+        for _, tensor, dim, copies in tensors
     ]
-    for (key, tensor, dim), index in zip(tensors, indices, strict=True):
+    for (key, tensor, dim, _), index in zip(tensors, indices, strict=True):
         shape = (len(index), *tensor.movedim(dim, 0).shape[1:])
         if tuple(state[key].shape) != shape:
             raise ValueError(
@@ -328,7 +329,7 @@ def load_channel_state(
                 f"channels of it have shape {shape}; pass the channels given to channel_state"
             )
     with torch.no_grad():
-        for (key, tensor, dim), index in zip(tensors, indices, strict=True):
+        for (key, tensor, dim, _), index in zip(tensors, indices, strict=True):
             tensor.movedim(dim, 0)[index.to(tensor.device)] = state[key].to(tensor)
     for module_name in dict.fromkeys(key.rpartition(".")[0] for key in expected):
         _recompute_pruned(model.get_submodule(module_name), None)
@@ -355,9 +356,9 @@ def zero_channels(model: nn.Module, unit: Unit) -> Tensor:
     zero throughout, a BatchNorm's scale included.
     """
     zero = torch.ones(unit.n_channels, dtype=torch.bool)
-    for _, module, name, dim, _ in _coupled_parameters(model, unit):
+    for _, module, name, dim, copies in _coupled_parameters(model, unit):
         tensor = getattr(module, name).detach()
-        zero &= _zero_slices(tensor, dim, unit.n_channels)
+        zero &= _zero_slices(tensor, dim, unit.n_channels, copies)
     return zero
 
 
@@ -431,6 +432,7 @@ def _coupled_parameters(model: nn.Module, unit: Unit) -> list[_Target]:
         raise ValueError(f"unit {unit.name!r} has no producers; it needs at least one")
     modules = dict(model.named_modules())
     targets: list[_Target] = []
+    copies = copies_of(unit)
     for role, names in ((PRODUCER, unit.producers), (NORM, unit.batchnorms)):
         for module_name in names:
             module = modules.get(module_name) if module_name else None
@@ -441,29 +443,30 @@ def _coupled_parameters(model: nn.Module, unit: Unit) -> list[_Target]:
                 )
             for name, dim in _channel_parameters(unit.name, module_name, module, role):
                 size = _maskable(module, name).shape[dim]
-                if size % n:
+                if size % (n * copies):
                     raise ValueError(
                         f"the {role} {module_name!r} of unit {unit.name!r} has {size} "
-                        f"channels ({name} dim {dim}), but the unit has n_channels={n}; "
-                        "they must match, or be a multiple of it (each channel of the unit "
-                        "a block of consecutive entries: a group, an attention head)"
+                        f"channels ({name} dim {dim}), but the unit has n_channels={n} "
+                        f"(held {copies} times); they must match, or be a multiple of it "
+                        "(each channel of the unit a block of consecutive entries: a group, "
+                        "an attention head)"
                     )
-                targets.append((module_name, module, name, dim, size // n))
+                targets.append((module_name, module, name, dim, copies))
     return targets
 
 
-def _channel_tensors(model: nn.Module, unit: Unit) -> list[tuple[str, Tensor, int]]:
-    """Every tensor that holds the unit's channels: ``(key, tensor, channel dim)``."""
+def _channel_tensors(model: nn.Module, unit: Unit) -> list[tuple[str, Tensor, int, int]]:
+    """Every tensor that holds the unit's channels: ``(key, tensor, channel dim, copies)``."""
     tensors = [
-        (f"{module_name}.{name}", _maskable(module, name), dim)
-        for module_name, module, name, dim, _ in _coupled_parameters(model, unit)
+        (f"{module_name}.{name}", _maskable(module, name), dim, copies)
+        for module_name, module, name, dim, copies in _coupled_parameters(model, unit)
     ]
     for module_name in unit.batchnorms:
         module = model.get_submodule(module_name)
         for name in kind_of(module).statistics:
             buffer = getattr(module, name, None)
             if isinstance(buffer, Tensor):
-                tensors.append((f"{module_name}.{name}", buffer, 0))
+                tensors.append((f"{module_name}.{name}", buffer, 0, 1))
     return tensors
 
 
@@ -524,11 +527,11 @@ def _pruning_hook(
 
 def _pruned_from_masks(targets: list[_Target], n: int) -> Tensor:
     pruned = None
-    for _, module, name, dim, _ in targets:
+    for _, module, name, dim, copies in targets:
         mask = module._buffers.get(name + "_mask")
         if mask is None:
             continue
-        zero = _zero_slices(mask, dim, n)
+        zero = _zero_slices(mask, dim, n, copies)
         pruned = zero if pruned is None else pruned & zero
     return torch.zeros(n, dtype=torch.bool) if pruned is None else pruned
 
@@ -619,18 +622,19 @@ def _recompute_pruned(module: nn.Module, _incompatible_keys: object) -> None:
             hook(module, ())
 
 
-def _entries(channels: Tensor, size: int) -> Tensor:
-    """Per-channel flags spread over the ``size`` entries of a tensor's channel dimension.
+def _target_entries(
+    channels: Tensor, module: nn.Module, name: str, dim: int, copies: int
+) -> Tensor:
+    """Per-channel flags spread over the entries of ``module.<name>`` along ``dim``."""
+    return spread(channels, _maskable(module, name).shape[dim], copies)
 
-    A unit's channel may be a block of consecutive entries (a group of a GroupNorm, an
-    attention head): each flag is repeated over its block.
+
+def _zero_slices(tensor: Tensor, dim: int, n: int, copies: int = 1) -> Tensor:
+    """Boolean ``[n]`` on the CPU: which of the ``n`` channels along ``dim`` are all zero.
+
+    The channels are laid out as :func:`~lightning_shapley.layers.spread` says.
     """
-    return channels.repeat_interleave(size // len(channels))
-
-
-def _zero_slices(tensor: Tensor, dim: int, n: int) -> Tensor:
-    """Boolean ``[n]`` on the CPU: which slices of ``tensor`` along ``dim`` are all zero."""
-    return tensor.detach().eq(0).movedim(dim, 0).reshape(n, -1).all(1).cpu()
+    return by_channel(tensor.detach().eq(0).movedim(dim, 0), n, copies).all(1).cpu()
 
 
 def _describe(value: object) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_shapley.checks import check_int
-from lightning_shapley.layers import Unit, kind_of
+from lightning_shapley.layers import Unit, by_channel, copies_of, kind_of
 from lightning_shapley.model_io import call_model
 from lightning_shapley.pruning.masking import copy_model, set_pruned_channels
 from lightning_shapley.shapley.functional import estimate_channels
@@ -199,7 +199,7 @@ class L1Scorer(CriterionScorer):
             producer = model.get_submodule(name)
             dim = dict(kind_of(producer).parameters)["weight"]
             weight = producer.weight.detach().movedim(dim, 0)
-            norms.append(weight.abs().reshape(unit.n_channels, -1).sum(1))
+            norms.append(by_channel(weight.abs(), unit.n_channels, copies_of(unit)).sum(1))
         return sum(norms)
 
 
@@ -248,6 +248,7 @@ class TaylorScorer(CriterionScorer):
             return leaf
 
         total = torch.zeros(unit.n_channels, dtype=torch.float64)
+        copies = 1 if unit.batchnorms else copies_of(unit)  # the site's layout
         axis = kind_of(model.get_submodule(unit.name)).output_axis
         handle = site.register_forward_hook(capture)
         try:
@@ -261,7 +262,7 @@ class TaylorScorer(CriterionScorer):
                     dims = [d for d in range(contribution.ndim) if d != axis % contribution.ndim]
                     per_feature = contribution.abs().sum(dims).double().cpu()
                     # A channel may span several features (a group, an attention head).
-                    total += per_feature.reshape(unit.n_channels, -1).sum(1)
+                    total += by_channel(per_feature, unit.n_channels, copies).sum(1)
         finally:
             handle.remove()
         return total / sum(len(targets) for _, targets in batches)

@@ -19,18 +19,22 @@ Rules, in the order they apply to each coupled group:
   kinds (convolutions with ``groups=1`` and linear layers); a depthwise convolution
   (``groups == in_channels == out_channels``) counts as a producer too, since each of its
   output channels is one of the unit's channels. Normalizations are its norm kinds
-  (BatchNorm); consumers are producer kinds that read the channels as inputs. A group
-  coupled to anything else is skipped with a warning that says why: grouped convolutions
-  (removing one channel leaves unequal groups), transposed convolutions, LayerNorm and
-  GroupNorm (they normalize across channels, so zeroing a channel is not removing it),
-  PReLU, InstanceNorm, embeddings, recurrent or attention layers, and bare
-  ``nn.Parameter`` tensors used outside a module.
+  (BatchNorm, GroupNorm by whole groups); consumers are producer kinds that read the
+  channels as inputs. A group coupled to anything else is skipped with a warning that
+  says why: grouped convolutions (removing one channel leaves unequal groups), transposed
+  convolutions, LayerNorm (it normalizes across channels, so zeroing a channel is not
+  removing it), PReLU, InstanceNorm, embeddings, recurrent layers,
+  ``nn.MultiheadAttention``, and bare ``nn.Parameter`` tensors used outside a module.
 * **Only index maps a unit can state.** Producers and BatchNorms hold exactly the unit's
   channels, index for index. A consumer reads them either one to one or flattened
   channel-major: ``in_features = n_channels * k`` and channel ``c`` is inputs
   ``c*k .. c*k + k - 1`` (a ``Flatten`` before a linear head). A group that reaches a
   consumer through a concatenation, split or channels-last reshape is skipped: the unit
   has no field for such a map.
+* **Attention heads are channels.** Query, key and value projections coupled in a module
+  that counts its heads make one unit whose channels are the heads. A packed projection
+  (timm's ``qkv``, GPT-2's ``c_attn``) makes one too, though its group maps only the
+  values to the reader: each head is then a block in each of the three copies.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from lightning_shapley.model_io import (
     call_model,
     children_replaced,
     eager,
-    output_tensors,
+    kept_outputs,
 )
 from lightning_shapley.pruning.masking import copy_model
 
@@ -93,6 +97,9 @@ class PrunableUnit:
             ``in_features == n_channels * k``, channel ``c`` being inputs
             ``c*k .. c*k + k - 1``.
         n_channels: the number of channels.
+        copies: how many copies of the channels each producer makes side by side: 3 for
+            the heads of a packed query/key/value projection, 1 otherwise (see
+            :func:`~lightning_shapley.layers.spread`).
     """
 
     name: str
@@ -100,6 +107,7 @@ class PrunableUnit:
     batchnorms: tuple[str, ...]
     consumers: tuple[str, ...]
     n_channels: int
+    copies: int = 1
 
 
 def find_units(
@@ -137,7 +145,7 @@ def find_units(
         >>> [unit.name for unit in units]
         ['features.0', 'features.3', 'features.7']
         >>> units[1]
-        PrunableUnit(name='features.3', producers=('features.3',), batchnorms=('features.4',), consumers=('features.7',), n_channels=32)
+        PrunableUnit(name='features.3', producers=('features.3',), batchnorms=('features.4',), consumers=('features.7',), n_channels=32, copies=1)
     """  # noqa: E501 (a doctest's output line)
     check_layer_names(layers)
     args = example_call(example_inputs)
@@ -240,6 +248,8 @@ class _DependencyGraph:
             # added to a wider tensor), but such groups are never units (_index_problem).
             visited |= producers
             unit = self._unit(group, n_channels)
+            if isinstance(unit, str):
+                unit = self._packed_heads(group, producers, n_channels) or unit
             if isinstance(unit, PrunableUnit):
                 units.append(unit)
             else:
@@ -290,19 +300,57 @@ class _DependencyGraph:
         """How many consecutive features one channel of the unit spans.
 
         A GroupNorm's group is one channel (its statistics are per group, so only whole
-        groups can go), and so is an attention head: the producers' parent module counts
-        its heads in one of :data:`HEAD_COUNT_ATTRIBUTES`, each head a block of
-        consecutive features of the query, key and value projections.
+        groups can go), and so is an attention head: the query, key and value projections
+        (coupled producers with one parent) sit in a module that counts its heads in one
+        of :data:`HEAD_COUNT_ATTRIBUTES`, each head a block of consecutive features. The
+        output projection of such a module makes the residual stream, not heads.
         """
         for name in norms:
             module = self.model.get_submodule(name)
             if isinstance(module, nn.GroupNorm):
                 return n_features // module.num_groups
-        for name in producers:
-            heads = attention_heads(self.model, name)
+        if len(producers) > 1 and len({name.rpartition(".")[0] for name in producers}) == 1:
+            heads = attention_heads(self.model, producers[0])
             if heads is not None and n_features % heads == 0:
                 return n_features // heads
         return 1
+
+    def _packed_heads(
+        self, group: tp.dependency.Group, producers: set[nn.Module], n_features: int
+    ) -> PrunableUnit | None:
+        """The heads of a packed query/key/value projection, when ``group`` is one.
+
+        One layer makes the queries, keys and values side by side (timm's ``qkv``, GPT-2's
+        ``c_attn``) inside a module that counts its heads, and one layer reads what the
+        heads return. torch-pruning maps only the values to that reader, so the group
+        is no unit as it stands, but its heads are: head ``h`` is block ``h`` of each of
+        the copies, and block ``h`` of the reader's input.
+        """
+        layers = [module for module in producers if module in self.names]
+        if len(layers) != 1:
+            return None
+        (producer,) = layers
+        name = self.names[producer]
+        heads = attention_heads(self.model, name)
+        if heads is None or _role(producer, prunes_output=True) != PRODUCER:
+            return None
+        readers = set()
+        for item in group:
+            node, module = item.dep.target, item.dep.target.module
+            if node in self.output_nodes:
+                return None
+            if module in self.names and module is not producer:
+                if self.graph.is_out_channel_pruning_fn(item.dep.handler):
+                    return None
+                readers.add(module)
+        if len(readers) != 1 or _role(next(iter(readers)), prunes_output=False) != _CONSUMER:
+            return None
+        (reader,) = readers
+        width = getattr(reader, kind_of(reader).in_attribute)
+        copies, rest = divmod(n_features, width)
+        if rest or copies < 2 or width % heads:
+            return None
+        return PrunableUnit(name, (name,), (), (self.names[reader],), heads, copies)
 
 
 def example_call(example_inputs: object) -> Inputs:
@@ -416,7 +464,7 @@ def traceable_copy(model: nn.Module) -> nn.Module:
 
 
 def _differentiable_outputs(out: object) -> list[Tensor]:
-    tensors = output_tensors(out)
+    tensors = kept_outputs(out)
     differentiable = [t for t in tensors if t.grad_fn is not None]
     if not differentiable:
         raise ValueError(
@@ -449,9 +497,10 @@ def _never_pruned(module: nn.Module) -> str | None:
         )
     if isinstance(module, nn.MultiheadAttention):
         return (
-            "an nn.MultiheadAttention packs query, key and value into one in-projection "
-            "parameter: its heads are not pruned (write the projections as nn.Linear layers "
-            "in a module with a num_heads attribute to prune heads)"
+            "an nn.MultiheadAttention ties the width of all its heads together to its "
+            "embed_dim, so a head cannot be removed from it: its heads are not pruned (write "
+            "the projections as nn.Linear layers, or one packed qkv layer, in a module with "
+            "a num_heads attribute to prune heads)"
         )
     return None
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_shapley.checks import check_int, is_int
-from lightning_shapley.layers import NORM_TYPES, Unit, kind_of
+from lightning_shapley.layers import NORM_TYPES, Unit, by_channel, copies_of, kind_of, spread
 from lightning_shapley.model_io import Inputs, as_model_inputs, call_model
 from lightning_shapley.shapley.allocator import retain_freed_memory
 from lightning_shapley.shapley.capture import CHANNELWISE_MODULES, UnsplittableModelError
@@ -70,6 +70,9 @@ class ChannelGame:
         channels: the number of channels when each is a block of consecutive features of
             the layers' outputs (a GroupNorm's groups, attention heads); ``None`` (the
             default) makes every feature a channel.
+        copies: how many copies of the channels the features hold side by side, each
+            laid out as ``channels`` says: 3 for the heads of a packed query/key/value
+            projection (see :func:`~lightning_shapley.layers.spread`).
         pruned: channels that are already pruned and stay out of every coalition, as a
             boolean ``[C]`` tensor; channels whose ``weight_mask`` (``torch.nn.utils.prune``)
             rows are all zero in every layer that has such a mask are added to it.
@@ -112,6 +115,7 @@ class ChannelGame:
         value: ValueSetting | ValueFunction = "loss",
         channel_dim: int = 1,
         channels: int | None = None,
+        copies: int = 1,
         pruned: Tensor | None = None,
         engine: str = "auto",
         memory_budget: int | None = None,
@@ -129,6 +133,8 @@ class ChannelGame:
         check_int("memory_budget", memory_budget, 1, optional=True)
         check_int("coalitions_per_forward", coalitions_per_forward, 1, optional=True)
         check_int("channels", channels, 1, optional=True)
+        check_int("copies", copies, 1)
+        self.copies = copies
         self.device = next(model.parameters(), torch.empty(0)).device
         if self.device.type == "cpu":
             retain_freed_memory()
@@ -146,7 +152,7 @@ class ChannelGame:
             self._find_mask_points(modules, channel_dim, self._inputs[0], channels)
             self._forward = self._make_engine(engine, self._inputs)
             per_coalition = self._forward.bytes_per_coalition()
-        self.players = _players(modules, self.n_channels, pruned)
+        self.players = self._players(pruned)
         budget = memory_budget or DEFAULT_MEMORY_BUDGET.get(
             self.device.type, DEFAULT_MEMORY_BUDGET["cuda"]
         )
@@ -226,6 +232,7 @@ class ChannelGame:
             value=value,
             channel_dim=axes.pop(),
             channels=unit.n_channels,
+            copies=copies_of(unit),
             pruned=pruned,
             engine=engine,
             memory_budget=memory_budget,
@@ -245,7 +252,36 @@ class ChannelGame:
                 self._forward = self._make_engine(self._engine_setting, self._inputs)
             else:
                 self._forward.recache()
-        self.players = _players(self._modules, self.n_channels, pruned)
+        self.players = self._players(pruned)
+
+    def _players(self, pruned: Tensor | None) -> Tensor:
+        """The channels not pruned: not in ``pruned`` nor zeroed by every layer's weight mask."""
+        n = self.n_channels
+        out = torch.zeros(n, dtype=torch.bool)
+        if pruned is not None:
+            pruned = torch.as_tensor(pruned, dtype=torch.bool).cpu()
+            if pruned.shape != (n,):
+                raise ValueError(
+                    f"pruned has shape {tuple(pruned.shape)}; it must be a boolean tensor of "
+                    f"shape ({n},), one entry per channel"
+                )
+            out |= pruned
+        # As in masking.pruned_channels: pruned where every mask there zeroes the channel.
+        zero_rows = []
+        for module in self._modules:
+            mask = getattr(module, "weight_mask", None)
+            if isinstance(mask, Tensor):
+                rows = mask.detach().movedim(_weight_channels_dim(module), 0)
+                if len(rows) % (n * self.copies) == 0:
+                    zero_rows.append(by_channel(rows.eq(0), n, self.copies).all(1).cpu())
+        if zero_rows:
+            out |= torch.stack(zero_rows).all(0)
+        players = (~out).nonzero().flatten()
+        if len(players) == 0:
+            raise ValueError(
+                "every channel of the layer is pruned; a game needs at least one player"
+            )
+        return players
 
     def release(self) -> None:
         """Frees the upstream cache until the next :meth:`refresh` (the game keeps its shape)."""
@@ -282,12 +318,13 @@ class ChannelGame:
         self.channel_dim = dims[self.layers[0]]
         #: The features at the channel axis of the layers' outputs.
         self.n_features = sizes[self.layers[0]]
-        if channels is not None and self.n_features % channels:
+        self.n_channels = channels or self.n_features // self.copies
+        if self.n_features % (self.n_channels * self.copies):
             raise ValueError(
-                f"channels={channels} does not divide the {self.n_features} features of "
-                f"{self.layer!r}; each channel must be a block of equally many features"
+                f"channels={channels} with copies={self.copies} does not divide the "
+                f"{self.n_features} features of {self.layer!r}; each channel must be a block "
+                "of equally many features in each copy"
             )
-        self.n_channels = channels or self.n_features
         self.mask_module_names: tuple[str, ...] = tuple(dict.fromkeys(points))
 
     @property
@@ -363,8 +400,7 @@ class ChannelGame:
 
     def __call__(self, coalitions: Tensor) -> Tensor:
         """Values (float64 ``[m]``, on the CPU) of boolean ``[m, n_players]`` coalitions."""
-        masks = self.channel_masks(coalitions)
-        masks = masks.repeat_interleave(self.n_features // self.n_channels, 1)
+        masks = spread(self.channel_masks(coalitions), self.n_features, self.copies)
         values = []
         with scoring_mode(self.model):
             for chunk in masks.split(self.coalitions_per_forward):
@@ -515,26 +551,7 @@ def _checked_channel_dim(channel_dim: int, shape: torch.Size, layer: str) -> int
     return channel_dim % ndim
 
 
-def _players(modules: Sequence[nn.Module], n_channels: int, pruned: Tensor | None) -> Tensor:
-    """The channels not pruned: neither in ``pruned`` nor zeroed by every layer's weight mask."""
-    out = torch.zeros(n_channels, dtype=torch.bool)
-    if pruned is not None:
-        pruned = torch.as_tensor(pruned, dtype=torch.bool).cpu()
-        if pruned.shape != (n_channels,):
-            raise ValueError(
-                f"pruned has shape {tuple(pruned.shape)}; it must be a boolean tensor of "
-                f"shape ({n_channels},), one entry per channel"
-            )
-        out |= pruned
-    # As in masking.pruned_channels: pruned where every mask there is zeroes the channel.
-    zero_rows = [
-        mask.detach().reshape(n_channels, -1).eq(0).all(1).cpu()
-        for mask in (getattr(module, "weight_mask", None) for module in modules)
-        if isinstance(mask, Tensor) and mask.shape[0] % n_channels == 0
-    ]
-    if zero_rows:
-        out |= torch.stack(zero_rows).all(0)
-    players = (~out).nonzero().flatten()
-    if len(players) == 0:
-        raise ValueError("every channel of the layer is pruned; a game needs at least one player")
-    return players
+def _weight_channels_dim(module: nn.Module) -> int:
+    """The dimension of ``module.weight`` that holds its output channels, as its kind says."""
+    kind = kind_of(module)
+    return dict(kind.parameters).get("weight", 0) if kind is not None else 0
