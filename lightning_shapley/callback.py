@@ -174,6 +174,11 @@ class ShapleyPruning(Callback):
         interleave: within a round the units take turns, each scored with the ones before
             it already pruned; ``None`` is ``True`` for the layer scope, ``False`` (one
             ranking across units per round) for the global one.
+        rescore: which survivors a round values again: ``"near_cut"`` (all in a step's
+            first round, then those whose last values lie near the cut, more when values
+            move) or ``"all"`` (every survivor every round: exact greedy elimination with
+            the default scorer, about three times the evaluations). See
+            :class:`~lightning_shapley.pruning.rounds.RoundPruner`.
         recalibrate: training batches on which the BatchNorm running statistics are
             re-estimated after every round (no gradient step); 0 leaves them alone.
         export: formats of :data:`~lightning_shapley.export.EXPORT_FORMATS` written when
@@ -215,6 +220,7 @@ class ShapleyPruning(Callback):
         schedule: PruningSchedule | None = None,
         removal_step: int | float | None = 0.02,
         interleave: bool | None = None,
+        rescore: str = "near_cut",
         recalibrate: int = 8,
         reporter: PruningReporter | bool = True,
         export: Sequence[str] = (),
@@ -248,7 +254,9 @@ class ShapleyPruning(Callback):
         self.value_function = getattr(self.scorer, "value_function", None) or value_function
         interleave = scope == "layer" if interleave is None else interleave
         #: Removes a step's channels in rounds; its units are found when fit sets up.
-        self.rounds = RoundPruner([], self.scorer, scope, min_channels, removal_step, interleave)
+        self.rounds = RoundPruner(
+            [], self.scorer, scope, min_channels, removal_step, interleave, rescore=rescore
+        )
         if not isinstance(reporter, PruningReporter | bool):
             raise ValueError(
                 f"reporter={reporter!r} is not allowed; use a PruningReporter, True for the "
@@ -263,6 +271,7 @@ class ShapleyPruning(Callback):
         self.score_batches = score_batches
         self.score_source = score_source
         self.scope, self.removal_step, self.interleave = scope, removal_step, interleave
+        self.rescore = rescore
         self.batch_transform = batch_transform or inputs_and_targets
         self.recalibrate = recalibrate
         #: What ``export`` wrote when fit ended (on global rank zero).

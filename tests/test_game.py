@@ -382,6 +382,27 @@ def test_other_models_equal_naive_reference(
 
 
 @pytest.mark.parametrize("engine", ["auto", "full"])
+def test_a_focused_game_holds_the_other_channels_in_every_coalition(
+    trained_cnn, score_batches, engine
+):
+    pruned = torch.zeros(16, dtype=torch.bool)
+    pruned[[2, 9]] = True
+    candidates = torch.arange(16) % 4 == 1  # 1, 5, 9 and 13; 9 is pruned already
+    game = ChannelGame(trained_cnn, "features.0", score_batches, pruned=pruned, engine=engine)
+    game.focus(candidates)
+    assert game.players.tolist() == [1, 5, 13]
+    coalitions = random_coalitions(3, m=6, seed=2)
+    masks = (~pruned & ~candidates).float().repeat(len(coalitions), 1)
+    masks[:, [1, 5, 13]] = coalitions.float()
+    expected = naive_values(trained_cnn, "features.1", score_batches, masks)
+    torch.testing.assert_close(game(coalitions), expected, atol=1e-5, rtol=0)
+    game.focus(None)
+    assert game.n_players == 14
+    with pytest.raises(ValueError, match="no candidate is a channel still in play"):
+        game.focus(pruned)
+
+
+@pytest.mark.parametrize("engine", ["auto", "full"])
 @pytest.mark.parametrize("source", ["argument", "prune-mask", "both"])
 def test_already_pruned_channels_are_not_players(trained_cnn, score_batches, source, engine):
     model = copy.deepcopy(trained_cnn)

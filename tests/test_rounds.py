@@ -13,7 +13,13 @@ from lightning_shapley import ShapleyPruning
 from lightning_shapley.pruning.masking import copy_model, pruned_channels
 from lightning_shapley.pruning.recalibration import recalibrate_batchnorm
 from lightning_shapley.pruning.rounds import RoundPruner
-from lightning_shapley.pruning.scorers import L1Scorer, LeaveOneOutScorer, ShapleyScorer
+from lightning_shapley.pruning.scorers import (
+    ChannelScores,
+    L1Scorer,
+    LeaveOneOutScorer,
+    Scorer,
+    ShapleyScorer,
+)
 from lightning_shapley.pruning.units import find_units
 from lightning_shapley.shapley.values import scoring_mode
 
@@ -124,7 +130,7 @@ def test_rounds_remove_the_step_in_small_steps_and_report_every_evaluation(
     model = copy_model(trained_cnn)
     removed = []
     scorer = ShapleyScorer(weighting="band", depth=1, method="exact")
-    pruner = RoundPruner(units, scorer, removal_step=0.25, interleave=False)
+    pruner = RoundPruner(units, scorer, removal_step=0.25, interleave=False, rescore="all")
     scores = pruner.prune(model, score_batches, 0.5, progress=removed.append)
     # 16, 16 and 32 channels: a quarter per round, so two rounds of 4, 4 and 8.
     assert removed == [16, 16]
@@ -136,6 +142,65 @@ def test_rounds_remove_the_step_in_small_steps_and_report_every_evaluation(
         # Each removed channel keeps the score it was removed on; none is missing.
         assert not scores[unit.name].values.isnan().any()
     assert pruner.remaining(model, 0.5) == 0
+
+
+class FixedValues(Scorer):
+    """Values that never move, valued one evaluation per channel asked for."""
+
+    name = "fixed"
+    takes_candidates = True
+
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        self.values, self.asked = values, []
+
+    def score(self, model, unit, batches, pruned, candidates=None) -> ChannelScores:
+        valued = ~pruned if candidates is None else ~pruned & candidates
+        self.asked.append(int(valued.sum()))
+        values = self.values[unit.name].double().masked_fill(~valued, float("nan"))
+        return ChannelScores(values, torch.zeros_like(values), int(valued.sum()), 0.0)
+
+
+def test_rescoring_near_the_cut_chooses_as_rescoring_all_when_values_stay(trained_cnn):
+    units = find_units(trained_cnn, torch.zeros(2, 1, 8, 8))
+    generator = torch.Generator().manual_seed(0)
+    values = {unit.name: torch.rand(unit.n_channels, generator=generator) for unit in units}
+    chosen, asked = {}, {}
+    for rescore in ("all", "near_cut"):
+        model, scorer = copy_model(trained_cnn), FixedValues(values)
+        RoundPruner(units, scorer, removal_step=0.05, interleave=True, rescore=rescore).prune(
+            model, [], 0.5
+        )
+        chosen[rescore], asked[rescore] = masks(model, units), scorer.asked
+    assert chosen["near_cut"] == chosen["all"]
+    # The first round values every channel; later ones only the lowest of the survivors.
+    assert asked["near_cut"][: len(units)] == asked["all"][: len(units)]
+    assert sum(asked["near_cut"]) < sum(asked["all"]) / 2
+
+
+def test_rescoring_near_the_cut_values_afresh_every_channel_it_removes(trained_cnn, score_batches):
+    """What it removes carries a value from the round that removed it; the rest may be older."""
+    units = find_units(trained_cnn, score_batches[0][0][:2])
+    band = ShapleyScorer(weighting="band", depth=1, method="exact")
+    evaluations = {}
+    for rescore in ("all", "near_cut"):
+        model = copy_model(trained_cnn)
+        pruner = RoundPruner(units, band, removal_step=0.05, interleave=True, rescore=rescore)
+        scores = pruner.prune(model, score_batches, 0.5)
+        evaluations[rescore] = sum(s.evaluations for s in scores.values())
+        assert all(sum(m) == len(m) // 2 for m in masks(model, units).values())
+    assert evaluations["near_cut"] < evaluations["all"]
+
+
+def test_candidates_are_valued_as_in_the_whole_game(trained_cnn, score_batches):
+    unit = find_units(trained_cnn, score_batches[0][0][:2])[1]
+    none = torch.zeros(unit.n_channels, dtype=torch.bool)
+    candidates = torch.arange(unit.n_channels) % 3 == 0
+    for scorer in (ShapleyScorer(weighting="band", depth=1, method="exact"), LeaveOneOutScorer()):
+        whole = scorer.score(trained_cnn, unit, score_batches, none).values
+        some = scorer.score(trained_cnn, unit, score_batches, none, candidates)
+        torch.testing.assert_close(some.values[candidates], whole[candidates], atol=1e-6, rtol=0)
+        assert some.values[~candidates].isnan().all()
+        assert some.evaluations == int(candidates.sum()) + 1
 
 
 @pytest.mark.parametrize(("each_turn", "expected"), [(True, 2 * 3), (False, 2)])
@@ -176,6 +241,7 @@ def test_global_rounds_respect_min_channels(trained_cnn, score_batches):
         ({"removal_step": True}, r"removal_step=True is not allowed"),
         ({"scope": "global", "interleave": True}, r"interleave=True does not apply"),
         ({"scope": "model"}, r"scope='model' is not known"),
+        ({"rescore": "lazy"}, r"rescore='lazy' is not known; use one of \('near_cut', 'all'\)"),
     ],
 )
 def test_bad_round_settings_fail_with_the_setting(settings, message):
@@ -190,6 +256,7 @@ def test_bad_round_settings_fail_with_the_setting(settings, message):
         ({"recalibrate": -2}, r"recalibrate=-2 is not allowed"),
         ({"interleave": "yes"}, r"interleave='yes' is not allowed"),
         ({"scope": "global", "interleave": True}, r"interleave=True does not apply"),
+        ({"rescore": None}, r"rescore=None is not known"),
     ],
 )
 def test_the_callback_checks_round_settings_when_built(settings, message):

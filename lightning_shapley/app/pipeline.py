@@ -302,7 +302,9 @@ def _result(
         # How a step removes its channels: the callback's rounds.
         "rounds": {
             name: getattr(pruning, name) for name in ("removal_step", "interleave", "recalibrate")
-        },
+        }
+        # What a round re-values in effect: a criterion that cannot value a few scores all.
+        | {"rescore": pruning.rescore if pruning.scorer.takes_candidates else "all"},
         "schedule": repr(pruning.schedule),
         "seed": cfg.seed,
         "dense": {

@@ -47,10 +47,11 @@ def format_summary(result: dict[str, Any]) -> str:
     how = _describe_estimator(result.get("estimator"))
     rounds = result.get("rounds") or {}
     step = rounds.get("removal_step")
+    survivors = "survivors near the cut" if rounds.get("rescore") == "near_cut" else "survivors"
     if isinstance(step, float):  # a fraction of each unit's channels (at least one)
-        how += f", removed in rounds of {step:.0%} of each unit (survivors re-scored)"
+        how += f", removed in rounds of {step:.0%} of each unit ({survivors} re-scored)"
     elif isinstance(step, int):
-        how += f", removed in rounds of {step} per unit (survivors re-scored)"
+        how += f", removed in rounds of {step} per unit ({survivors} re-scored)"
     amount = "" if result.get("amount") is None else f", amount {result['amount']:g}"
     lines = [f"{result['scorer']} scorer{how}{amount}, {result['schedule']}", ""]
     lines += [

@@ -57,15 +57,32 @@ class ChannelScores:
 
 
 class Scorer(ABC):
-    """Scores the channels of one unit on the scoring batches."""
+    """Scores the channels of one unit on the scoring batches.
+
+    Attributes:
+        name: the scorer's name in settings and logs.
+        takes_candidates: whether :meth:`score` can value some channels alone
+            (``candidates=``), each as it counts in the network as it is, the others kept;
+            the rounds then re-value only the channels near the cut (``rescore``).
+    """
 
     name: str
+    takes_candidates: bool = False
 
     @abstractmethod
     def score(
-        self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
+        self,
+        model: nn.Module,
+        unit: Unit,
+        batches: Sequence[Batch],
+        pruned: Tensor,
+        candidates: Tensor | None = None,
     ) -> ChannelScores:
-        """Scores of ``unit``'s channels; ``pruned`` (bool ``[n_channels]``) score NaN."""
+        """Scores of ``unit``'s channels; ``pruned`` (bool ``[n_channels]``) score NaN.
+
+        With ``candidates`` (bool ``[n_channels]``, for a scorer that
+        :attr:`takes_candidates`), only those are valued and the others score NaN too.
+        """
 
     def check(self, unit: Unit) -> None:  # noqa: B027 (a hook: most scorers take any unit)
         """Raises ``ValueError`` if this scorer cannot score ``unit`` (checked before training)."""
@@ -88,9 +105,17 @@ class CriterionScorer(Scorer):
         """One float per channel, higher is more important."""
 
     def score(
-        self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
+        self,
+        model: nn.Module,
+        unit: Unit,
+        batches: Sequence[Batch],
+        pruned: Tensor,
+        candidates: Tensor | None = None,
     ) -> ChannelScores:
-        """The criterion's values, NaN where ``pruned``, with zero standard errors."""
+        """The criterion's values, NaN where ``pruned``, with zero standard errors.
+
+        A criterion costs the same for one channel as for all, so all are valued.
+        """
         start = time.perf_counter()
         values = self._values(model, unit, batches).detach().to("cpu", torch.float64)
         values = values.masked_fill(pruned.cpu(), float("nan"))
@@ -124,6 +149,7 @@ class ShapleyScorer(Scorer):
     """
 
     name = "shapley"
+    takes_candidates = True
 
     def __init__(
         self,
@@ -160,11 +186,22 @@ class ShapleyScorer(Scorer):
             self._games = None
 
     def score(
-        self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
+        self,
+        model: nn.Module,
+        unit: Unit,
+        batches: Sequence[Batch],
+        pruned: Tensor,
+        candidates: Tensor | None = None,
     ) -> ChannelScores:
-        """Shapley values with their standard errors and the evaluations spent."""
+        """Shapley values with their standard errors and the evaluations spent.
+
+        With ``candidates`` the game is played among them, the other channels kept in
+        every coalition (:meth:`ChannelGame.focus`): at the band of depth 1 each value is
+        exactly the candidate's leave-one-out in the whole game.
+        """
         game = self._game(model, unit, batches, pruned)
         try:
+            game.focus(candidates)
             estimate = estimate_channels(game, self.weighting, self.estimator)
         finally:
             game.release()
@@ -176,13 +213,14 @@ class ShapleyScorer(Scorer):
         self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
     ) -> ChannelGame:
         """This step's game of ``unit``, brought up to date; a new one outside a step."""
-        game = None if self._games is None else self._games.get(unit.name)
+        key = (unit.name, id(batches))
+        game = None if self._games is None else self._games.get(key)
         if game is None:
             game = ChannelGame.from_unit(
                 model, unit, batches, value=self.value_function, pruned=pruned
             )
             if self._games is not None:
-                self._games[unit.name] = game
+                self._games[key] = game
         else:
             game.refresh(pruned)
         return game
@@ -295,15 +333,24 @@ class LeaveOneOutScorer(Scorer):
     """
 
     name = "loo"
+    takes_candidates = True
 
     def __init__(self, value: ValueSetting | ValueFunction = "loss") -> None:
         #: The value of the network, resolved.
         self.value_function = resolve_value(value)
 
     def score(
-        self, model: nn.Module, unit: Unit, batches: Sequence[Batch], pruned: Tensor
+        self,
+        model: nn.Module,
+        unit: Unit,
+        batches: Sequence[Batch],
+        pruned: Tensor,
+        candidates: Tensor | None = None,
     ) -> ChannelScores:
-        """Each surviving channel's leave-one-out value; one evaluation per channel, and one."""
+        """Each surviving channel's (or candidate's) leave-one-out value.
+
+        One evaluation per channel valued, and one for the network as it is.
+        """
         start = time.perf_counter()
         probe = copy_model(model)
         pruned = pruned.cpu()
@@ -314,12 +361,13 @@ class LeaveOneOutScorer(Scorer):
 
         full = value_without(pruned)
         values = torch.full((unit.n_channels,), float("nan"), dtype=torch.float64)
-        survivors = (~pruned).nonzero().flatten().tolist()
+        valued = ~pruned if candidates is None else ~pruned & candidates.cpu()
+        survivors = valued.nonzero().flatten().tolist()
         for channel in survivors:
             alone = pruned.clone()
             alone[channel] = True
             values[channel] = full - value_without(alone)
-        stderr = torch.zeros_like(values).masked_fill(pruned, float("nan"))
+        stderr = torch.zeros_like(values).masked_fill(~valued, float("nan"))
         return ChannelScores(values, stderr, len(survivors) + 1, time.perf_counter() - start)
 
 

@@ -152,7 +152,7 @@ class ChannelGame:
             self._find_mask_points(modules, channel_dim, self._inputs[0], channels)
             self._forward = self._make_engine(engine, self._inputs)
             per_coalition = self._forward.bytes_per_coalition()
-        self.players = self._players(pruned)
+        self._set_players(pruned)
         budget = memory_budget or DEFAULT_MEMORY_BUDGET.get(
             self.device.type, DEFAULT_MEMORY_BUDGET["cuda"]
         )
@@ -252,7 +252,37 @@ class ChannelGame:
                 self._forward = self._make_engine(self._engine_setting, self._inputs)
             else:
                 self._forward.recache()
+        self._set_players(pruned)
+
+    def focus(self, candidates: Tensor | None) -> None:
+        """Plays the game among ``candidates`` alone, the other channels held in every coalition.
+
+        The players become the candidates (boolean ``[n_channels]``) not pruned; every
+        other channel not pruned is kept in each coalition, as the network keeps it. A
+        leave-one-out (the band of depth 1) of a candidate is then what it is in the
+        whole game. ``None`` makes every channel not pruned a player again; so does
+        :meth:`refresh`.
+        """
+        alive = torch.zeros(self.n_channels, dtype=torch.bool)
+        alive[torch.cat([self.players, self._held.cpu()])] = True
+        if candidates is None:
+            chosen = alive
+        else:
+            candidates = torch.as_tensor(candidates, dtype=torch.bool).cpu()
+            if candidates.shape != (self.n_channels,):
+                raise ValueError(
+                    f"candidates has shape {tuple(candidates.shape)}; it must be a boolean "
+                    f"tensor of shape ({self.n_channels},), one entry per channel"
+                )
+            chosen = alive & candidates
+        if not chosen.any():
+            raise ValueError("no candidate is a channel still in play; a game needs a player")
+        self.players = chosen.nonzero().flatten()
+        self._held = (alive & ~chosen).nonzero().flatten().to(self.device)
+
+    def _set_players(self, pruned: Tensor | None) -> None:
         self.players = self._players(pruned)
+        self._held = torch.zeros(0, dtype=torch.long, device=self.device)
 
     def _players(self, pruned: Tensor | None) -> Tensor:
         """The channels not pruned: not in ``pruned`` nor zeroed by every layer's weight mask."""
@@ -387,7 +417,10 @@ class ChannelGame:
         return len(self.players)
 
     def channel_masks(self, coalitions: Tensor) -> Tensor:
-        """Float ``[m, n_channels]`` masks for boolean ``[m, n_players]`` coalitions."""
+        """Float ``[m, n_channels]`` masks for boolean ``[m, n_players]`` coalitions.
+
+        A channel held by :meth:`focus` is 1 in every mask.
+        """
         coalitions = torch.as_tensor(coalitions, dtype=torch.bool)
         if coalitions.ndim != 2 or coalitions.shape[1] != self.n_players:
             raise ValueError(
@@ -396,6 +429,7 @@ class ChannelGame:
             )
         masks = torch.zeros(len(coalitions), self.n_channels, device=self.device)
         masks[:, self.players.to(self.device)] = coalitions.to(self.device, torch.float32)
+        masks[:, self._held] = 1.0
         return masks
 
     def __call__(self, coalitions: Tensor) -> Tensor:
