@@ -26,11 +26,14 @@ random scorers:
   a margin of one;
 - ``vit-*``: a 2-layer, 8-head ViT (64 MLP neurons a layer) on the digits, 2x2 patches.
 
-Scorers: ``shapley`` with the callback's default settings; the classic Shapley value (50
-permutations, value -loss, one ranking); L1 filter norm; BatchNorm ``|gamma|``;
-first-order Taylor; random; and greedy backward elimination (leave-one-out loss measured
-of each channel alone, one channel per round, survivors re-scored), per layer
-(all units scored on the same network each round) and interleaved (units take turns).
+Scorers: ``shapley`` with the callback's default settings; the same with
+``rescore="all"`` (every survivor valued again every round: exact greedy elimination,
+the reference whose removed channels every scorer's are compared with in the last
+column); the classic Shapley value (50 permutations, value -loss, one ranking); L1 filter
+norm; BatchNorm ``|gamma|``; first-order Taylor; random; and greedy backward elimination
+(leave-one-out loss measured of each channel alone, one channel per round, survivors
+re-scored), per layer (all units scored on the same network each round) and interleaved
+(units take turns).
 
 Run ``python benchmarks/quality.py`` (about 20 minutes on 2 CPU cores; ``--quick`` for a
 smoke run). It prints markdown tables and writes ``benchmarks/results/quality.json``,
@@ -56,7 +59,7 @@ from torch import Tensor, nn
 from lightning_shapley import ShapleyPruning
 from lightning_shapley.app.data import digits_splits
 from lightning_shapley.app.models import DigitsCNN
-from lightning_shapley.pruning.masking import copy_model
+from lightning_shapley.pruning.masking import copy_model, pruned_channels
 from lightning_shapley.pruning.rounds import RoundPruner
 from lightning_shapley.pruning.scorers import (
     BatchNormScorer,
@@ -115,6 +118,8 @@ class Method:
     removal_step: int | float | None = None
     interleave: bool = False
     recalibrate_each_turn: bool = True
+    #: Which survivors a round values again (``RoundPruner.rescore``); "all" is exact greedy.
+    rescore: str = "all"
 
     @property
     def iterative(self) -> bool:
@@ -283,7 +288,14 @@ def is_mlp(model: nn.Module, unit: PrunableUnit) -> bool:
     return not is_heads(model, unit) and "pooler" not in unit.name
 
 
-TRANSFORMER_METHODS = ("shapley (default)", "classic shapley", "l1", "taylor", "random")
+TRANSFORMER_METHODS = (
+    "shapley (default)",
+    "default, rescore=all",
+    "classic shapley",
+    "l1",
+    "taylor",
+    "random",
+)
 
 
 def tasks(quick: bool) -> list[Task]:
@@ -329,7 +341,21 @@ def methods() -> list[Method]:
         return ShapleyPruning(seed=seed).scorer
 
     return [
-        Method("shapley (default)", default_scorer, defaults.removal_step, defaults.interleave),
+        Method(
+            "shapley (default)",
+            default_scorer,
+            defaults.removal_step,
+            defaults.interleave,
+            rescore=defaults.rescore,
+        ),
+        # The default's rounds with every survivor valued again each round: exact greedy.
+        Method(
+            "default, rescore=all",
+            default_scorer,
+            defaults.removal_step,
+            defaults.interleave,
+            rescore="all",
+        ),
         Method(
             "classic shapley",
             lambda seed: ShapleyScorer(seed=seed, method="permutation", num_permutations=50),
@@ -402,6 +428,7 @@ def run_method(task: Task, dense: nn.Module, method: Method, seed: int) -> list[
             removal_step=method.removal_step,
             interleave=method.interleave,
             recalibrate_each_turn=method.recalibrate_each_turn,
+            rescore=method.rescore,
         )
         pruner.prune(model, score, sparsity, recalibration)
         one_shot = accuracy(model, task.test)
@@ -418,6 +445,10 @@ def run_method(task: Task, dense: nn.Module, method: Method, seed: int) -> list[
                 "fine_tuned": accuracy(tuned, task.test),
                 "evaluations": counter.evaluations,
                 "seconds": counter.seconds,
+                "removed": {
+                    unit.name: pruned_channels(model, unit).nonzero().flatten().tolist()
+                    for unit in units
+                },
             }
         )
     return rows
@@ -429,7 +460,7 @@ class RankingOnce(Scorer):
     def __init__(self, scorer: Scorer) -> None:
         self.scorer, self.name, self.cache = scorer, scorer.name, {}
 
-    def score(self, model, unit, batches, pruned):
+    def score(self, model, unit, batches, pruned, candidates=None):
         if unit.name not in self.cache:
             self.cache[unit.name] = self.scorer.score(model, unit, batches, pruned)
         return self.cache[unit.name]
@@ -440,22 +471,44 @@ class CostCounter(Scorer):
 
     def __init__(self, scorer: Scorer) -> None:
         self.scorer, self.name, self.evaluations, self.seconds = scorer, scorer.name, 0, 0.0
+        self.takes_candidates = scorer.takes_candidates
 
-    def score(self, model, unit, batches, pruned):
-        scores = self.scorer.score(model, unit, batches, pruned)
+    def step(self):
+        return self.scorer.step()
+
+    def score(self, model, unit, batches, pruned, candidates=None):
+        scores = self.scorer.score(model, unit, batches, pruned, candidates)
         self.evaluations += scores.evaluations
         self.seconds += scores.seconds
         return scores
 
 
+#: The reference that the other methods' choices are compared with: exact greedy elimination.
+EXACT_GREEDY = "default, rescore=all"
+
+
+def agreement(row: dict, reference: dict | None) -> float | None:
+    """The share of the reference's removed channels that ``row`` removed too."""
+    if reference is None or "removed" not in row or "removed" not in reference:
+        return None
+    removed = {(unit, c) for unit, channels in row["removed"].items() for c in channels}
+    wanted = {(unit, c) for unit, channels in reference["removed"].items() for c in channels}
+    return len(removed & wanted) / len(wanted) if wanted else None
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
+    greedy = {}
     for row in rows:
         groups.setdefault((row["task"], row["method"], row["sparsity"]), []).append(row)
+        if row["method"] == EXACT_GREEDY:
+            greedy[row["task"], row["seed"], row["sparsity"]] = row
     summary = []
     for (task, method, sparsity), group in groups.items():
         entry = {"task": task, "method": method, "sparsity": sparsity, "seeds": len(group)}
         entry["same_as"] = group[0].get("same_as")
+        shares = [agreement(g, greedy.get((task, g["seed"], sparsity))) for g in group]
+        entry["same_channels_as_greedy"] = None if None in shares else statistics.fmean(shares)
         for key in ("one_shot", "fine_tuned", "evaluations", "seconds"):
             values = [g[key] for g in group]
             entry[key] = statistics.fmean(values)
@@ -478,8 +531,8 @@ def markdown(summary: list[dict], dense: dict[str, list[float]]) -> str:
             "",
             "| scorer | one-shot (BatchNorm statistics re-estimated, where there are any) "
             "| after a 3-epoch fine-tune "
-            "| evaluations | seconds |",
-            "| --- | --- | --- | --- | --- |",
+            "| evaluations | seconds | same channels as exact greedy |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         rows = [s for s in summary if s["task"] == task]
         for method in dict.fromkeys(s["method"] for s in rows):
@@ -492,9 +545,11 @@ def markdown(summary: list[dict], dense: dict[str, list[float]]) -> str:
             )
             last = cells[-1]
             name = method if last["same_as"] is None else f"{method} (= {last['same_as']})"
+            same = [c["same_channels_as_greedy"] for c in cells]
+            shares = "" if None in same else " / ".join(f"{100 * v:.0f}%" for v in same)
             lines.append(
                 f"| {name} | {one_shot} | {tuned} | {last['evaluations']:.0f} "
-                f"| {last['seconds']:.1f} |"
+                f"| {last['seconds']:.1f} | {shares} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -550,6 +605,7 @@ def same_computation(a: Method, b: Method, units: list, seed: int) -> bool:
         first.estimator.method != "exact"
         or a.interleave != b.interleave
         or a.recalibrate_each_turn != b.recalibrate_each_turn
+        or "near_cut" in (a.rescore, b.rescore)
     ):
         return False
     sizes = [
