@@ -24,7 +24,12 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from lightning_shapley.app import cli
-from lightning_shapley.app.sweep import collect_results, summary_rows, write_summary
+from lightning_shapley.app.sweep import (
+    cell_rows,
+    collect_results,
+    summary_rows,
+    write_summary,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Hydra's logging would replace the handlers of the test process's root logger.
@@ -193,6 +198,23 @@ def fake_result(num: int, scorer: str, amount: float, accuracy: float, *extra: s
     }
 
 
+def test_sweep_cells_give_mean_and_spread_over_seeds(tmp_path: Path) -> None:
+    results = [
+        fake_result(0, "shapley", 0.5, 0.95, "seed=0"),
+        fake_result(1, "shapley", 0.5, 0.93, "seed=1"),
+        fake_result(2, "shapley", 0.5, 0.88, "seed=2"),
+        fake_result(3, "l1", 0.5, 0.90, "seed=0"),
+    ]
+    cells = {cell["label"]: cell for cell in cell_rows(summary_rows(results))}
+    assert cells["shapley"]["jobs"] == 3
+    assert cells["shapley"]["pruned_accuracy"] == pytest.approx((0.95 + 0.93 + 0.88) / 3)
+    assert cells["shapley"]["pruned_accuracy_sd"] == pytest.approx(0.036055, abs=1e-6)
+    assert (cells["l1"]["jobs"], cells["l1"]["pruned_accuracy_sd"]) == (1, 0.0)
+    paths = write_summary(results, tmp_path)
+    table = paths["cells"].read_text()
+    assert "| shapley | 0.5 | 3 | 0.500 | 0.9800 | 0.9200 ± 0.0361 | 100 |" in table
+
+
 def test_sweep_summary_labels_lines_by_what_varies(tmp_path: Path) -> None:
     results = [
         fake_result(0, "shapley", 0.5, 0.95, "estimator=band", "seed=0"),
@@ -209,7 +231,8 @@ def test_sweep_summary_labels_lines_by_what_varies(tmp_path: Path) -> None:
         3: "l1 estimator=band",
     }
     paths = write_summary(results, tmp_path)
-    assert set(paths) == {"csv", "markdown", "plot"} and paths["plot"].stat().st_size > 10_000
+    assert set(paths) == {"csv", "markdown", "cells", "plot"}
+    assert paths["plot"].stat().st_size > 10_000
 
 
 def test_wandb_logger_is_offline_and_grouped_by_sweep(

@@ -7,6 +7,9 @@ multirun ends, :class:`SweepSummary` (a Hydra callback, registered in
 * ``sweep_summary.csv`` and ``sweep_summary.md``: one row per job (scorer, amount, the
   sparsity reached, dense and pruned test accuracy, parameters, scoring seconds and
   coalition evaluations, the job's overrides);
+* ``sweep_cells.md``: one row per line and amount, the jobs that differ only by seed
+  taken together: the pruned test accuracy as mean ± standard deviation, so that criteria
+  are compared by more than one run each;
 * ``sweep_accuracy.png``: the pruned test accuracy against the sparsity, one line per
   scorer (mean and spread over jobs that differ only by seed), the dense accuracy dashed.
 
@@ -78,8 +81,8 @@ class SweepSummary(Callback):
             return
         paths = write_summary(results, sweep_dir, name=self.name)
         log.info(f"sweep summary of {len(results)} jobs: " + ", ".join(map(str, paths.values())))
-        if "markdown" in paths:
-            print(paths["markdown"].read_text())
+        print(paths["markdown"].read_text())
+        print(paths["cells"].read_text())
 
 
 def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -150,8 +153,8 @@ def write_summary(
         name: stem of the file names.
 
     Returns:
-        The paths written, under the keys ``"csv"``, ``"markdown"`` and ``"plot"`` (the
-        last only when matplotlib is installed).
+        The paths written, under the keys ``"csv"``, ``"markdown"``, ``"cells"`` and
+        ``"plot"`` (the last only when matplotlib is installed).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -159,12 +162,14 @@ def write_summary(
     paths = {
         "csv": directory / f"{name}_summary.csv",
         "markdown": directory / f"{name}_summary.md",
+        "cells": directory / f"{name}_cells.md",
     }
     with paths["csv"].open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     paths["markdown"].write_text(markdown_table(rows) + "\n")
+    paths["cells"].write_text(cells_table(cell_rows(rows)) + "\n")
     try:
         plot = directory / f"{name}_accuracy.png"
         plot_accuracy(rows, plot)
@@ -200,6 +205,66 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             f"`{r['overrides']}`" if r["overrides"] else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cell_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per label and amount, over its jobs (the seeds).
+
+    Means, and the sample standard deviation of the pruned accuracy (0 for a single job).
+
+    Example:
+        >>> jobs = [{"label": "l1", "amount": 0.5, "sparsity": 0.5, "dense_accuracy": 0.99,
+        ...          "pruned_accuracy": a, "evaluations": 0} for a in (0.9, 0.94)]
+        >>> cell = cell_rows(jobs)[0]
+        >>> cell["jobs"], round(cell["pruned_accuracy"], 4), round(cell["pruned_accuracy_sd"], 4)
+        (2, 0.92, 0.0283)
+    """
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[r["label"], _number(r["amount"])].append(r)
+    cells = []
+    for (label, _), group in groups.items():
+        pruned = [(0.0, r["pruned_accuracy"]) for r in group if r["pruned_accuracy"] is not None]
+        _, mean, spread = _mean_and_spread(pruned) if pruned else (0.0, None, None)
+        cells.append(
+            {
+                "label": label,
+                "amount": group[0]["amount"],
+                "jobs": len(group),
+                "sparsity": _mean(r["sparsity"] for r in group),
+                "dense_accuracy": _mean(r["dense_accuracy"] for r in group),
+                "pruned_accuracy": mean,
+                "pruned_accuracy_sd": spread,
+                "evaluations": _mean(r["evaluations"] for r in group),
+            }
+        )
+    return sorted(cells, key=lambda c: (c["label"], _number(c["amount"])))
+
+
+def cells_table(cells: Sequence[dict[str, Any]]) -> str:
+    """The cells as a markdown table: the pruned accuracy as mean ± standard deviation."""
+    lines = [
+        "| scorer | amount | jobs | sparsity | dense acc. | pruned acc. (mean ± sd) "
+        "| evaluations |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in cells:
+        accuracy = (
+            ""
+            if c["pruned_accuracy"] is None
+            else f"{c['pruned_accuracy']:.4f} ± {c['pruned_accuracy_sd']:.4f}"
+        )
+        cells_text = [
+            str(c["label"]),
+            _fmt(c["amount"], "{:g}"),
+            str(c["jobs"]),
+            _fmt(c["sparsity"], "{:.3f}"),
+            _fmt(c["dense_accuracy"], "{:.4f}"),
+            accuracy,
+            _fmt(c["evaluations"], "{:,.0f}"),
+        ]
+        lines.append("| " + " | ".join(cells_text) + " |")
     return "\n".join(lines)
 
 
@@ -305,6 +370,12 @@ def _mean_and_spread(points: list[tuple[float, float]]) -> tuple[float, float, f
     mean = sum(ys) / len(ys)
     spread = (sum((y - mean) ** 2 for y in ys) / (len(ys) - 1)) ** 0.5 if len(ys) > 1 else 0.0
     return sum(xs) / len(xs), mean, spread
+
+
+def _mean(values: Any) -> float | None:
+    """The mean of the values that are numbers, or ``None`` if there is none."""
+    numbers = [v for v in values if isinstance(v, int | float)]
+    return sum(numbers) / len(numbers) if numbers else None
 
 
 def _fmt(value: Any, spec: str) -> str:
