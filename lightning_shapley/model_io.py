@@ -190,9 +190,7 @@ def logits_of(output: object) -> Tensor:
     """
     if isinstance(output, Tensor):
         return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
+    logits = _named_logits(output)
     if logits is None and isinstance(output, list | tuple) and output:
         logits = output[0]
     if isinstance(logits, Tensor):
@@ -240,9 +238,16 @@ def kept_outputs(output: object) -> list[Tensor]:
         >>> [tuple(t.shape) for t in kept_outputs(out)]
         [(2,)]
     """
-    logits = output.get("logits") if isinstance(output, Mapping) else None
-    logits = getattr(output, "logits", logits)
+    logits = _named_logits(output)
     return [logits] if isinstance(logits, Tensor) else output_tensors(output)
+
+
+def _named_logits(output: object) -> object:
+    """An output's ``.logits``, or a mapping's ``["logits"]``; ``None`` if it has neither."""
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    return logits
 
 
 def per_sample(logits: Tensor, batch_size: int) -> Tensor:

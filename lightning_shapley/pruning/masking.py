@@ -466,7 +466,7 @@ def _channel_tensors(model: nn.Module, unit: Unit) -> list[tuple[str, Tensor, in
         for name in kind_of(module).statistics:
             buffer = getattr(module, name, None)
             if isinstance(buffer, Tensor):
-                tensors.append((f"{module_name}.{name}", buffer, 0, 1))
+                tensors.append((f"{module_name}.{name}", buffer, 0, copies_of(unit)))
     return tensors
 
 

@@ -252,9 +252,15 @@ class RoundPruner:
         fresh = torch.zeros_like(pruned)
         evaluations, seconds, pool = 0, 0.0, first_pool(quota, int((~pruned).sum()))
         margin = 0.0  # how far above the cut an older value must lie to be trusted
-        while (doubtful := _doubtful(values, fresh, quota, margin)).any():
+        while True:
+            lowest = ascending_unpruned(values)
+            cut = values[lowest[quota - 1]]
+            # Older values at most ``margin`` above the cut may have moved below it.
+            doubtful = ~fresh & ~values.isnan() & (values <= cut + margin)
+            if not doubtful.any():
+                break
             candidates = torch.zeros_like(pruned)
-            candidates[ascending_unpruned(values)[:pool]] = True
+            candidates[lowest[:pool]] = True
             candidates = (candidates | doubtful) & ~fresh
             scores = score(candidates)
             moved = (scores.values[candidates] - values[candidates]).abs().max()
@@ -350,13 +356,6 @@ class RoundPruner:
 #: An older value is trusted only this far above the cut, in units of the largest move of
 #: the values valued afresh in the round: values that moved far make the older ones doubtful.
 TRUST_MARGIN = 0.3
-
-
-def _doubtful(values: Tensor, fresh: Tensor, quota: int, margin: float) -> Tensor:
-    """The channels whose older value lies at most ``margin`` above the round's cut."""
-    lowest = ascending_unpruned(values)
-    cut = values[lowest[quota - 1]]
-    return ~values.isnan() & ~fresh & (values <= cut + margin)
 
 
 def first_pool(quota: int, survivors: int) -> int:
