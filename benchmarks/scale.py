@@ -48,16 +48,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from quality import (
-    RECALIBRATION_BATCHES,
-    BertClassifier,
-    SignalCNN,
-    accuracy,
-    batches_of,
-    marker_splits,
-    signal_splits,
-    train,
-)
+from quality import RECALIBRATION_BATCHES, accuracy, batches_of, train
+from tasks import BertClassifier, CifarResNet, SignalCNN, marker_splits, signal_splits
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -87,43 +79,6 @@ class Network:
     epochs: int
     lr: float = 1e-2
     exact: bool = True
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class CifarResNet(nn.Module):
-    """He et al.'s CIFAR ResNet-(6n+2): 3 stages of n basic blocks, 16/32/64 channels."""
-
-    def __init__(self, depth: int, classes: int = 10) -> None:
-        super().__init__()
-        n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
-        blocks, c_in = [], 16
-        for stage, c_out in enumerate((16, 32, 64)):
-            for index in range(n):
-                blocks.append(BasicBlock(c_in, c_out, 2 if stage and not index else 1))
-                c_in = c_out
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(64, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
 
 
 def digits() -> tuple[Split, Split, Split]:

@@ -1,3 +1,5 @@
+import itertools
+import math
 import re
 from pathlib import Path
 
@@ -7,8 +9,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.datasets import load_digits
 
+from lightning_shapley import ShapleyPruning, UntilDrop
 from lightning_shapley.app.data import DigitsDataModule, digits_splits
-from lightning_shapley.app.models import DigitsCNN, ImageClassifier
+from lightning_shapley.app.models import CosineAfter, DigitsCNN, ImageClassifier
+from lightning_shapley.pruning.schedule import Gradual, MiddleOfTraining, OneShot, last_step_epoch
 
 
 def test_split_sizes(digits_splits_fixture):
@@ -127,6 +131,92 @@ def test_cnn_rejects_bad_arguments(kwargs, name):
 def test_classifier_rejects_bad_arguments():
     with pytest.raises(ValueError, match="lr=0"):
         ImageClassifier(DigitsCNN(), lr=0)
+    with pytest.raises(ValueError, match="anneal='yes' must be true or false"):
+        ImageClassifier(DigitsCNN(), anneal="yes")
+
+
+def test_cosine_after_holds_until_its_start_then_falls_without_reaching_zero():
+    factor = CosineAfter(start=2, epochs=4)
+    values = [factor(epoch) for epoch in range(8)]
+    assert values[:3] == [1.0, 1.0, 1.0]
+    falling = values[3:7]
+    assert all(a > b for a, b in itertools.pairwise(falling))
+    assert falling == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(1, 5)])
+    assert values[7] == values[6] > 0  # past the end it stays at the last epoch's rate
+
+
+def test_the_last_step_epoch_of_each_kind_of_schedule():
+    assert last_step_epoch(OneShot(0.5, epoch=4)) == 4
+    assert last_step_epoch(Gradual(0.5, epochs=(2, 5, 7))) == 7
+    middle = MiddleOfTraining(0.5)
+    assert last_step_epoch(middle) is None  # its epochs follow from max_epochs, not yet given
+    middle.validate(max_epochs=12)
+    assert last_step_epoch(middle) == middle.epochs[-1]
+    assert last_step_epoch(UntilDrop(step=0.1, tolerance=0.02)) is None
+
+
+class _LearningRates(lightning.Callback):
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _fit(module, max_epochs: int, callbacks: list, tmp_path: Path) -> None:
+    lightning.Trainer(
+        max_epochs=max_epochs,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    ).fit(module, datamodule=DigitsDataModule(batch_size=32))
+
+
+def test_the_learning_rate_falls_after_the_last_pruning_step_of_a_real_fit(tmp_path):
+    lightning.seed_everything(0)
+    rates = _LearningRates()
+    pruning = ShapleyPruning(amount=0.5, epochs=[1, 2], score_batches=1, reporter=False)
+    _fit(ImageClassifier(DigitsCNN(channels=(8, 8, 16)), lr=0.01), 6, [pruning, rates], tmp_path)
+    assert len(pruning.history) == 2
+    expected = [0.01 * CosineAfter(start=2, epochs=3)(epoch) for epoch in range(6)]
+    assert rates.seen == pytest.approx(expected)
+    assert rates.seen[:3] == [0.01] * 3 and rates.seen[-1] < 0.002
+
+
+def test_without_a_pruning_callback_the_whole_run_anneals(tmp_path):
+    rates = _LearningRates()
+    _fit(ImageClassifier(DigitsCNN(channels=(8, 8, 16)), lr=0.01), 3, [rates], tmp_path)
+    assert rates.seen == pytest.approx([0.01 * CosineAfter(-1, 3)(epoch) for epoch in range(3)])
+
+
+@pytest.mark.parametrize(
+    "module, callbacks",
+    [
+        (ImageClassifier(DigitsCNN(channels=(8, 8, 16)), anneal=False), []),
+        # A search's last step is not known before training: the rate stays as it is.
+        (
+            ImageClassifier(DigitsCNN(channels=(8, 8, 16))),
+            [
+                ShapleyPruning(
+                    schedule=UntilDrop(step=0.25, tolerance=0.5), score_batches=1, reporter=False
+                )
+            ],
+        ),
+    ],
+    ids=["anneal=False", "UntilDrop"],
+)
+def test_a_constant_learning_rate_where_there_is_nothing_to_anneal_after(
+    module, callbacks, tmp_path
+):
+    rates = _LearningRates()
+    _fit(module, 3, [*callbacks, rates], tmp_path)
+    assert rates.seen == [0.01] * 3
 
 
 def test_trained_cnn_accuracy(trained_cnn, digits_splits_fixture):
@@ -178,7 +268,9 @@ def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(tmp_path: P
 
     def module() -> ImageClassifier:
         torch.manual_seed(0)
-        return ImageClassifier(DigitsCNN(channels=(8, 8, 16)))
+        # Constant rate: the stand-in for an interrupted run stops at max_epochs=2, and an
+        # annealed rate would follow a 2-epoch cosine there rather than the 3-epoch one.
+        return ImageClassifier(DigitsCNN(channels=(8, 8, 16)), anneal=False)
 
     uninterrupted = module()
     trainer(3, enable_checkpointing=False).fit(uninterrupted, datamodule=DigitsDataModule())

@@ -1,11 +1,17 @@
 """The embedded model: a small CNN for 8x8 digits, and a Lightning module to train classifiers."""
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import lightning
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from torch import nn
+
+from lightning_shapley.callback import ShapleyPruning
+from lightning_shapley.pruning.schedule import last_step_epoch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -77,19 +83,31 @@ class ImageClassifier(lightning.LightningModule):
     Logged metrics: ``train/loss``; ``val/loss`` and ``val/acc``; ``test/loss`` and
     ``test/acc``.
 
+    With ``anneal`` the learning rate is ``lr`` until the last pruning step and then falls
+    along a half cosine over the epochs left (:class:`CosineAfter`), so that the fine-tune
+    settles instead of ending wherever the last epoch at a constant rate left it. The last
+    step is that of the trainer's :class:`~lightning_shapley.ShapleyPruning` callback;
+    without one the whole run anneals. A schedule that searches for its sparsity
+    (``UntilDrop``) has no last step known in advance, and keeps ``lr`` constant.
+
     Args:
         net: A module mapping inputs to logits of shape ``(N, num_classes)``.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        anneal: Whether the learning rate falls after the last pruning step.
     """
 
-    def __init__(self, net: nn.Module, lr: float = 1e-2, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, net: nn.Module, lr: float = 1e-2, weight_decay: float = 0.0, anneal: bool = True
+    ) -> None:
         super().__init__()
         errors = []
         if lr <= 0:
             errors.append(f"lr={lr!r} must be positive")
         if weight_decay < 0:
             errors.append(f"weight_decay={weight_decay!r} must be non-negative")
+        if not isinstance(anneal, bool):
+            errors.append(f"anneal={anneal!r} must be true or false")
         if errors:
             raise ValueError("; ".join(errors))
         self.save_hyperparameters(ignore=["net"])
@@ -114,11 +132,23 @@ class ImageClassifier(lightning.LightningModule):
         """Log ``test/loss`` and ``test/acc``."""
         self._evaluate(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over all parameters of ``net``."""
-        return torch.optim.Adam(
+    def configure_optimizers(self) -> Any:
+        """Adam over all parameters of ``net``, annealed after the last pruning step."""
+        optimizer = torch.optim.Adam(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+        max_epochs = self.trainer.max_epochs
+        start = self._last_pruning_epoch()
+        if not self.hparams.anneal or start is None or not max_epochs or max_epochs < 1:
+            return optimizer
+        factor = CosineAfter(start=start, epochs=max_epochs - 1 - start)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _last_pruning_epoch(self) -> int | None:
+        # -1 without a pruning callback: every epoch comes after the (absent) last step.
+        pruning = [c for c in self.trainer.callbacks if isinstance(c, ShapleyPruning)]
+        return last_step_epoch(pruning[0].schedule) if pruning else -1
 
     def _evaluate(self, batch: Batch, stage: str) -> None:
         x, y = batch
@@ -129,3 +159,26 @@ class ImageClassifier(lightning.LightningModule):
             f"{stage}/acc": (logits.argmax(dim=1) == y).float().mean(),
         }
         self.log_dict(metrics, batch_size=len(y))
+
+
+@dataclass(frozen=True)
+class CosineAfter:
+    """A learning-rate factor per epoch: 1 up to epoch ``start``, then a half cosine.
+
+    The ``epochs`` after ``start`` take the cosine's inner points, so the first of them still
+    learns at nearly the full rate and the last at a small one, never zero.
+
+    Example:
+        >>> [round(CosineAfter(start=1, epochs=3)(epoch), 3) for epoch in range(5)]
+        [1.0, 1.0, 0.854, 0.5, 0.146]
+    """
+
+    start: int
+    epochs: int
+
+    def __call__(self, epoch: int) -> float:
+        """The factor of the learning rate in ``epoch`` (0-based)."""
+        if epoch <= self.start:
+            return 1.0
+        progress = min(epoch - self.start, self.epochs) / (self.epochs + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))

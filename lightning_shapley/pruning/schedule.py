@@ -344,6 +344,26 @@ class UntilDrop:
         )
 
 
+def last_step_epoch(schedule: PruningSchedule) -> int | None:
+    """The epoch of a schedule's last step, where it is fixed before training.
+
+    A :class:`MiddleOfTraining` knows it once :meth:`~MiddleOfTraining.validate` has run. A
+    search (:class:`UntilDrop`), a schedule of another kind, or one not yet validated gives
+    ``None``: when it stops is decided by the training itself.
+
+    Example:
+        >>> last_step_epoch(Gradual(0.5, epochs=(3, 6))), last_step_epoch(OneShot(0.5, epoch=2))
+        (6, 2)
+    """
+    if isinstance(schedule, OneShot):
+        return schedule.epoch
+    if isinstance(schedule, Gradual):
+        return schedule.epochs[-1]
+    if isinstance(schedule, MiddleOfTraining) and schedule._gradual is not None:
+        return schedule.epochs[-1]
+    return None
+
+
 def make_schedule(
     amount: float, epochs: int | Sequence[int] | None, ramp: str = "cubic"
 ) -> PruningSchedule:
