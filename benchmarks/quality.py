@@ -649,55 +649,63 @@ def plot(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     task_names = list(dict.fromkeys(s["task"] for s in summary))
-    figure, axes = plt.subplots(
-        2, len(task_names), figsize=(4.2 * len(task_names), 7.5), squeeze=False
-    )
-    for column, task in enumerate(task_names):
-        rows = [s for s in summary if s["task"] == task]
-        top = max(s["sparsity"] for s in rows if s["fine_tuned"])
-        colours: dict[str, str] = {}
-        for method in dict.fromkeys(s["method"] for s in rows):
+    per_row = 3  # tasks side by side, each as two panels
+    rows = -(-len(task_names) // per_row)
+    figure, axes = plt.subplots(rows, 2 * per_row, figsize=(24, 4.2 * rows), squeeze=False)
+    # One colour per method on every panel, whichever methods a task has.
+    colours = {method.name: f"C{index}" for index, method in enumerate(methods())}
+    for index, task in enumerate(task_names):
+        left, right = (axes[index // per_row][2 * (index % per_row) + k] for k in (0, 1))
+        cells = [s for s in summary if s["task"] == task]
+        top = max(s["sparsity"] for s in cells if s["fine_tuned"])
+        for method in dict.fromkeys(s["method"] for s in cells):
             style = {"linewidth": 2.4} if method == DEFAULT else {}
-            cells = sorted(
-                (s for s in rows if s["method"] == method and s["schedule"] == "one-shot"),
+            curve = sorted(
+                (s for s in cells if s["method"] == method and s["schedule"] == "one-shot"),
                 key=lambda s: s["sparsity"],
             )
-            line = axes[0][column].errorbar(
-                [100 * c["sparsity"] for c in cells],
-                [100 * c["one_shot"] for c in cells],
-                yerr=[100 * c["one_shot_std"] for c in cells],
-                marker="o", markersize=3, capsize=2, label=method, **style,
+            left.errorbar(
+                [100 * c["sparsity"] for c in curve],
+                [100 * c["one_shot"] for c in curve],
+                yerr=[100 * c["one_shot_std"] for c in curve],
+                marker="o", markersize=3, capsize=2, color=colours[method], label=method,
+                **style,
             )  # fmt: skip
-            colours[method] = line[0].get_color()
             for schedule, dash in (("one-shot", "-"), ("gradual", "--")):
                 cell = next(
-                    (c for c in rows if c["method"] == method and c["schedule"] == schedule
+                    (c for c in cells if c["method"] == method and c["schedule"] == schedule
                      and c["sparsity"] == top and c["fine_tuned"]),
                     None,
                 )  # fmt: skip
                 if cell is None:
                     continue
                 budgets = [b for b in BUDGETS if str(b) in cell["fine_tuned"]]
-                axes[1][column].errorbar(
+                right.errorbar(
                     budgets,
                     [100 * cell["fine_tuned"][str(b)][0] for b in budgets],
                     yerr=[100 * cell["fine_tuned"][str(b)][1] for b in budgets],
                     marker="o", markersize=3, capsize=2, linestyle=dash, color=colours[method],
-                    label=f"{method}, {schedule}", **style,
+                    **style,
                 )  # fmt: skip
-        axes[0][column].set_title(f"{task}: one-shot")
-        axes[0][column].set_xlabel("channels removed per layer (%)")
-        axes[1][column].set_title(f"{task}: {100 * top:g}% after fine-tuning")
-        axes[1][column].set_xlabel("fine-tuning epochs")
-        axes[1][column].set_xscale("log")
-        axes[1][column].set_xticks(BUDGETS, [str(b) for b in BUDGETS])
-        for row in range(2):
-            axes[row][column].set_ylabel("test accuracy (%)")
-            axes[row][column].grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    axes[1][0].legend(fontsize=6, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+        left.set_title(f"{task}: one-shot")
+        left.set_xlabel("channels removed per layer (%)")
+        right.set_title(f"{task}: {100 * top:g}% after fine-tuning")
+        right.set_xlabel("fine-tuning epochs (dashed: gradual)")
+        right.set_xscale("log")
+        right.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
+        for panel in (left, right):
+            panel.set_ylabel("test accuracy (%)")
+            panel.grid(alpha=0.3)
+    for panel in axes.flat[2 * len(task_names) :]:
+        panel.set_visible(False)
+    legend = {
+        label: handle
+        for panel in axes.flat
+        for handle, label in zip(*panel.get_legend_handles_labels(), strict=True)
+    }
+    figure.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(legend))
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
