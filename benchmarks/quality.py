@@ -113,6 +113,8 @@ FREE = ("l1", "bn_gamma", "taylor", "random")
 DEFAULT = "shapley (default)"
 
 Split = tuple[Tensor, Tensor]
+#: Pruning steps within a fine-tune: the epoch each starts, and what it does to the model.
+Steps = dict[int, Callable[[nn.Module], None]]
 
 
 @dataclass
@@ -304,7 +306,7 @@ def train(
     lr: float,
     seed: int,
     anneal: bool = False,
-    steps: dict[int, Callable[[nn.Module], None]] | None = None,
+    steps: Steps | None = None,
 ) -> nn.Module:
     """Adam on cross-entropy for ``epochs``, at a constant ``lr`` or (``anneal``) one that
     falls to zero along a half cosine, batch by batch; ``steps`` prune the model at the start
@@ -334,7 +336,9 @@ def accuracy(model: nn.Module, split: Split) -> float:
         return float((model(inputs).argmax(1) == targets).double().mean())
 
 
-def fine_tune(task: Task, model: nn.Module, budget: int, seed: int, steps=None) -> tuple:
+def fine_tune(
+    task: Task, model: nn.Module, budget: int, seed: int, steps: Steps | None = None
+) -> tuple[float, float]:
     """The test accuracy after ``budget`` annealed epochs on a copy, and the seconds taken."""
     start = time.perf_counter()
     tuned = train(copy_model(model), task.train, budget, task.fine_tune_lr, seed + 100, True, steps)
