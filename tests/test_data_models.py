@@ -163,18 +163,22 @@ class _LearningRates(lightning.Callback):
         self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
+def _trainer(tmp_path: Path, max_epochs: int, **options: object) -> lightning.Trainer:
+    """A quiet CPU trainer writing nothing but into ``tmp_path``; ``options`` override."""
+    settings = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    return lightning.Trainer(max_epochs=max_epochs, **(settings | options))
+
+
 def _fit(module, max_epochs: int, callbacks: list, tmp_path: Path) -> None:
-    lightning.Trainer(
-        max_epochs=max_epochs,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
+    _trainer(
+        tmp_path, max_epochs, limit_train_batches=3, limit_val_batches=1, callbacks=callbacks
     ).fit(module, datamodule=DigitsDataModule(batch_size=32))
 
 
@@ -234,18 +238,7 @@ def test_score_batches(score_batches):
 def test_trainer_fit_logs_validation_accuracy(tmp_path):
     lightning.seed_everything(0)
     module = ImageClassifier(DigitsCNN(channels=(8, 8, 16)))
-    trainer = lightning.Trainer(
-        max_epochs=1,
-        limit_train_batches=5,
-        limit_val_batches=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = _trainer(tmp_path, 1, devices=1, limit_train_batches=5, limit_val_batches=2)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     metrics = trainer.callback_metrics
     assert {"train/loss", "val/loss", "val/acc"} <= set(metrics)
@@ -255,16 +248,7 @@ def test_trainer_fit_logs_validation_accuracy(tmp_path):
 
 def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(tmp_path: Path) -> None:
     def trainer(max_epochs: int, **options: object) -> lightning.Trainer:
-        return lightning.Trainer(
-            max_epochs=max_epochs,
-            default_root_dir=tmp_path,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_train_batches=6,
-            limit_val_batches=0,
-            **options,
-        )
+        return _trainer(tmp_path, max_epochs, limit_train_batches=6, limit_val_batches=0, **options)
 
     def module() -> ImageClassifier:
         torch.manual_seed(0)
@@ -273,13 +257,15 @@ def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(tmp_path: P
         return ImageClassifier(DigitsCNN(channels=(8, 8, 16)), anneal=False)
 
     uninterrupted = module()
-    trainer(3, enable_checkpointing=False).fit(uninterrupted, datamodule=DigitsDataModule())
+    trainer(3).fit(uninterrupted, datamodule=DigitsDataModule())
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = module()
-    trainer(2, callbacks=[checkpoint]).fit(first, datamodule=DigitsDataModule())
+    trainer(2, enable_checkpointing=True, callbacks=[checkpoint]).fit(
+        first, datamodule=DigitsDataModule()
+    )
     resumed = module()
-    trainer(3, enable_checkpointing=False).fit(
+    trainer(3).fit(
         resumed, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
     )
     for (name, ours), theirs in zip(
